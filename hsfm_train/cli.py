@@ -1,2 +1,188 @@
-def main(argv=None):
-    raise SystemExit("not yet")
+"""The one ``hsfm`` entry point.
+
+    hsfm shards build INPUT... --out DIR [--synthetic N ...]   scenes -> WebDataset shards + index.json
+    hsfm shards inspect DIR|SHARD.tar [--verify]              summarise (and check) shards
+
+Errors that name bad input are printed as one line (set HSFM_DEBUG=1 for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from hsfm_train.errors import HsfmError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except (HsfmError, FileNotFoundError, FileExistsError) as error:
+        if os.environ.get("HSFM_DEBUG"):
+            raise
+        print(f"hsfm: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hsfm", description="Hyperspectral / optical-SAR foundation-model training")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    shards = commands.add_parser("shards", help="build and inspect WebDataset shards").add_subparsers(metavar="ACTION")
+    build = shards.add_parser("build", help="tile scenes into WebDataset shards with an index",
+                              description="Tile scene files (npz, mat, ENVI .hdr, GeoTIFF, PNG pairs) and/or "
+                                          "synthetic linear-mixing scenes into shards; see shards/README.md.")
+    build.add_argument("inputs", nargs="*", type=Path, help="scene files (read with default options)")
+    build.add_argument("--manifest", type=Path,
+                       help="YAML/JSON list of {path: ..., <reader option>: ...} for inputs that need options "
+                            "(ground_truth, labels, header, key, bands, sensor, wavelengths_nm, ...)")
+    build.add_argument("--out", required=True, type=Path, help="output directory")
+    build.add_argument("--name", default="shard", help="shard file prefix (default: shard)")
+    build.add_argument("--tile-size", type=int, default=32)
+    build.add_argument("--stride", type=int, default=None, help="default: tile size (no overlap)")
+    build.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="tile dtype on disk")
+    build.add_argument("--max-samples-per-shard", type=int, default=256)
+    build.add_argument("--max-shard-mb", type=float, default=256.0)
+    build.add_argument("--max-nodata-fraction", type=float, default=0.5)
+    build.add_argument("--nodata-value", type=float, default=None, help="a value that marks nodata in every band")
+    build.add_argument("--sensor", default=None, help="sensor name for the positional inputs")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--overwrite", action="store_true", help="rebuild over an existing index")
+    build.add_argument("--quiet", action="store_true")
+    synthetic = build.add_argument_group("synthetic linear-mixing scenes from real library spectra")
+    synthetic.add_argument("--synthetic", type=int, default=0, metavar="N", help="add N synthetic scenes")
+    synthetic.add_argument("--synthetic-size", type=int, default=64, help="height and width")
+    synthetic.add_argument("--synthetic-grid", default="aviris224", help="band grid name (see synthetic.SENSOR_GRIDS)")
+    synthetic.add_argument("--synthetic-endmembers", type=int, default=4)
+    synthetic.add_argument("--synthetic-snr", type=float, default=30.0, help="dB")
+    synthetic.add_argument("--synthetic-abundances", choices=("gaussian_field", "urban"), default="gaussian_field")
+    build.set_defaults(handler=_build)
+
+    inspect = shards.add_parser("inspect", help="summarise a shard directory or one .tar shard")
+    inspect.add_argument("path", type=Path)
+    inspect.add_argument("--verify", action="store_true", help="read every shard: counts, checksums, decoding")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def _scene_sources(args: argparse.Namespace) -> Iterator[Any]:
+    from hsfm_train.data.readers import read_scenes
+
+    for path in args.inputs:
+        yield from read_scenes(path, sensor=args.sensor)
+    if args.manifest:
+        for entry in _load_manifest(args.manifest):
+            options = dict(entry)
+            yield from read_scenes(Path(options.pop("path")), **options)
+    if args.synthetic:
+        from hsfm_train.data.synthetic import SENSOR_GRIDS, SyntheticSceneConfig, generate_scenes
+
+        if args.synthetic_grid not in SENSOR_GRIDS:
+            raise HsfmError(f"--synthetic-grid {args.synthetic_grid!r} is unknown; choose from {sorted(SENSOR_GRIDS)}")
+        config = SyntheticSceneConfig(
+            height=args.synthetic_size,
+            width=args.synthetic_size,
+            num_endmembers=args.synthetic_endmembers,
+            snr_db=args.synthetic_snr,
+            abundance_source=args.synthetic_abundances,
+            target_wavelengths_nm=SENSOR_GRIDS[args.synthetic_grid],
+            sensor=f"synthetic_{args.synthetic_grid}",
+        )
+        yield from generate_scenes(config, args.synthetic, seed=args.seed)
+
+
+def _load_manifest(path: Path) -> list[dict[str, Any]]:
+    import yaml
+
+    if not path.exists():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    entries = yaml.safe_load(path.read_text())
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
+        raise HsfmError(f"manifest {path} must be a list of mappings, each with a 'path'")
+    for entry in entries:  # relative paths are relative to the manifest
+        entry["path"] = str((path.parent / entry["path"]) if not Path(entry["path"]).is_absolute() else entry["path"])
+        for option in ("ground_truth", "header", "labels"):
+            if isinstance(entry.get(option), str) and not Path(entry[option]).is_absolute():
+                entry[option] = str(path.parent / entry[option])
+    return entries
+
+
+def _build(args: argparse.Namespace) -> int:
+    from hsfm_train.data.shards import ShardBuildConfig, build_shards
+    from hsfm_train.data.tiling import TilingConfig
+
+    if not args.inputs and not args.manifest and not args.synthetic:
+        raise HsfmError("nothing to build: give scene files, --manifest or --synthetic N")
+    config = ShardBuildConfig(
+        output_dir=str(args.out),
+        name=args.name,
+        tiling=TilingConfig(args.tile_size, args.stride, args.max_nodata_fraction, args.nodata_value),
+        dtype=args.dtype,
+        max_samples_per_shard=args.max_samples_per_shard,
+        max_shard_bytes=int(args.max_shard_mb * 2**20),
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    index = build_shards(_scene_sources(args), config, progress=not args.quiet)
+    print(_format_summary(index))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from hsfm_train.data.shards import load_index, summarise_tar, verify_shards
+
+    if args.path.is_file() and args.path.suffix == ".tar":
+        summary = summarise_tar(args.path)
+        print(json.dumps(summary, indent=1) if args.json else _format_tar_summary(summary))
+        return 1 if summary["problems"] else 0
+    index = load_index(args.path)
+    report = verify_shards(index) if args.verify else None
+    if args.json:
+        print(json.dumps({"index": {k: v for k, v in index.items() if k != "shards"}, "verify": report}, indent=1))
+    else:
+        print(_format_summary(index))
+        if report is not None:
+            print(f"verify: {report['samples']} samples in {report['shards']} shards read back; "
+                  f"{len(report['problems'])} problem(s)")
+            for problem in report["problems"][:20]:
+                print(f"  - {problem}")
+    return 1 if report and report["problems"] else 0
+
+
+def _format_summary(index: dict[str, Any]) -> str:
+    total_bytes = sum(record["bytes"] for record in index["shards"])
+    build = index.get("build", {})
+    lines = [
+        f"{index.get('root', '')}: {index['total_samples']} samples in {len(index['shards'])} shards "
+        f"({total_bytes / 2**20:.1f} MiB), tile {build.get('tile_size')} stride {build.get('stride')} "
+        f"{build.get('dtype')}, {len(index.get('scenes', []))} scenes",
+        "band sets:",
+    ]
+    for name, info in index["band_sets"].items():
+        wavelengths = info.get("wavelengths_nm")
+        span = f"{wavelengths[0]:.1f}-{wavelengths[-1]:.1f} nm" if wavelengths else "wavelengths unknown"
+        lines.append(f"  {name}: {info['samples']} samples, {info['bands']} bands, {span}")
+    if index.get("dropped"):
+        lines.append(f"dropped tiles: {index['dropped']}")
+    return "\n".join(lines)
+
+
+def _format_tar_summary(summary: dict[str, Any]) -> str:
+    lines = [f"{summary['path']}: {summary['samples']} samples; members {summary['members']}"]
+    if summary.get("first_meta"):
+        lines.append(f"first sample meta: {json.dumps(summary['first_meta'], sort_keys=True)}")
+    lines += [f"  - {problem}" for problem in summary["problems"][:20]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

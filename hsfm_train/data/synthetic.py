@@ -1,0 +1,329 @@
+"""Synthetic hyperspectral scenes from real library spectra by the linear mixing model.
+
+Each pixel's spectrum is a convex combination of a few pure-material spectra (endmembers) plus sensor noise:
+
+    Y = A · E + N,    A >= 0, sum_r A[..., r] = 1,    N ~ Normal(0, sigma^2)
+
+with Y the [H, W, B] cube, A the [H, W, R] abundances and E the [R, B] endmembers. Only a handful of real
+cubes can be shipped (Samson, Salinas-A, Indian Pines), so scale tests and pretraining demos need corpora of any
+size whose ground truth (abundances, endmembers) is known exactly; the linear model is the standard way to make
+them (the SUnSAL/CLSUnSAL demos used the same USGS library).
+
+* Endmembers are real reflectance spectra from the USGS splib (224 AVIRIS bands, packaged in
+  ``hsfm_train/assets``), drawn at random but at least ``min_spectral_angle_deg`` apart, because the library holds
+  many near-duplicates (thousands of pairs under 5°) that would make a scene ill-posed. They can be resampled
+  onto another sensor's band centres so corpora with different band counts come from the same materials.
+* Abundances are spatially coherent, like real land cover: one Gaussian random field per endmember pushed through
+  a softmax ("gaussian_field"), or Urban's real ground-truth maps, randomly cropped, flipped and rotated ("urban").
+* Noise is white Gaussian at a per-scene sigma chosen from the requested SNR.
+
+Every scene is a deterministic function of (config, seed), so a corpus never has to be stored: scene i of
+``generate_scenes(config, count, seed)`` is ``generate_scene(config, scene_seed(seed, i))``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+import numpy as np
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
+
+from hsfm_train.data.scene import Scene
+from hsfm_train.errors import ConfigError, DataFormatError
+
+LIBRARY_ASSET = "usgs_splib_aviris224.npz"
+URBAN_ABUNDANCE_ASSET = "urban_abundances_end4.npz"
+ABUNDANCE_SOURCES = ("gaussian_field", "urban")
+# Greedy selection scans a whole random permutation of the library per attempt, so a failure after this many
+# attempts means the requested count/angle is (nearly) impossible, not unlucky.
+ENDMEMBER_SELECTION_ATTEMPTS = 10
+
+
+@dataclass
+class SpectralLibrary:
+    """Reference spectra on a common band grid: spectra [K, B], wavelengths_nm [B], one name per spectrum."""
+
+    spectra: np.ndarray
+    wavelengths_nm: np.ndarray
+    names: list[str]
+    source: str = "unknown"
+
+    def __post_init__(self) -> None:
+        self.spectra = np.ascontiguousarray(self.spectra, dtype=np.float32)
+        self.wavelengths_nm = np.asarray(self.wavelengths_nm, dtype=np.float32).reshape(-1)
+        self.names = [str(name) for name in self.names]
+        where = f"spectral library {self.source}"
+        if self.spectra.ndim != 2 or self.spectra.shape[1] != self.wavelengths_nm.shape[0]:
+            raise DataFormatError(
+                f"{where}: spectra must be [K, B] with B = {self.wavelengths_nm.shape[0]} wavelengths, "
+                f"got {self.spectra.shape}"
+            )
+        if len(self.names) != self.spectra.shape[0]:
+            raise DataFormatError(f"{where}: {len(self.names)} names for {self.spectra.shape[0]} spectra")
+        if not np.isfinite(self.spectra).all():
+            raise DataFormatError(f"{where}: spectra contain non-finite values")
+        if not np.isfinite(self.wavelengths_nm).all() or (self.wavelengths_nm <= 0).any():
+            raise DataFormatError(f"{where}: wavelengths_nm must be positive finite nanometres")
+
+    def __len__(self) -> int:
+        return int(self.spectra.shape[0])
+
+    def resampled(self, target_wavelengths_nm: np.ndarray) -> SpectralLibrary:
+        """The library linearly interpolated onto other band centres (which must lie within its own range)."""
+        target = np.asarray(target_wavelengths_nm, dtype=np.float64).reshape(-1)
+        low, high = float(self.wavelengths_nm.min()), float(self.wavelengths_nm.max())
+        if target.min() < low or target.max() > high:
+            raise ConfigError(
+                f"target_wavelengths_nm spans {target.min():.1f}-{target.max():.1f} nm, outside the range "
+                f"{low:.1f}-{high:.1f} nm of {self.source}; extrapolating reflectance is not supported"
+            )
+        # AVIRIS' spectrometers overlap (two short runs of decreasing wavelength), and np.interp needs
+        # increasing sample points, so interpolate along the sorted grid.
+        order = np.argsort(self.wavelengths_nm, kind="stable")
+        grid = self.wavelengths_nm[order].astype(np.float64)
+        spectra = np.stack([np.interp(target, grid, spectrum[order]) for spectrum in self.spectra])
+        return SpectralLibrary(spectra, target, self.names, source=f"{self.source} resampled to {target.size} bands")
+
+
+def load_spectral_library(path: str | Path | None = None) -> SpectralLibrary:
+    """The packaged USGS library (default) or any npz with ``spectra`` [K, B], ``wavelengths_nm`` [B], ``names`` [K]."""
+    if path is None:
+        resource = resources.files("hsfm_train") / "assets" / LIBRARY_ASSET
+        with resource.open("rb") as handle:
+            return _library_from_npz(handle, f"hsfm_train/assets/{LIBRARY_ASSET}")
+    with open(path, "rb") as handle:
+        return _library_from_npz(handle, str(path))
+
+
+def _library_from_npz(handle: BinaryIO, where: str) -> SpectralLibrary:
+    with np.load(handle, allow_pickle=False) as archive:
+        missing = {"spectra", "wavelengths_nm", "names"} - set(archive.files)
+        if missing:
+            raise DataFormatError(f"{where}: missing key(s) {sorted(missing)}; found {archive.files}")
+        return SpectralLibrary(archive["spectra"], archive["wavelengths_nm"], list(archive["names"]), source=where)
+
+
+# Band-centre grids of sensors that synthetic corpora can imitate (nm). Callables, so nothing is read at import.
+SENSOR_GRIDS: dict[str, Callable[[], np.ndarray]] = {
+    # The library's own grid: AVIRIS 224 bands, 383-2508 nm (not monotonic where the spectrometers overlap).
+    "aviris224": lambda: load_spectral_library().wavelengths_nm,
+    # Approximates EnMAP's VNIR+SWIR band count (218) and range; real EnMAP centres are not evenly spaced.
+    "enmap_like_218": lambda: np.linspace(420.0, 2450.0, 218, dtype=np.float32),
+    # Samson's 156 centres from its ENVI header are evenly spaced: this linspace between the real first and last
+    # centres matches all 156 within 1e-4 nm (checked against shared/data/unmixing/samson/samson.npz).
+    "samson156": lambda: np.linspace(400.93872, 899.07458, 156, dtype=np.float32),
+}
+
+
+def sensor_grid(name: str) -> np.ndarray:
+    """Band centres (nm, float32) of a named grid in ``SENSOR_GRIDS``."""
+    if name not in SENSOR_GRIDS:
+        raise ConfigError(f"unknown sensor grid {name!r}; known grids: {sorted(SENSOR_GRIDS)}")
+    return np.asarray(SENSOR_GRIDS[name](), dtype=np.float32)
+
+
+@dataclass(eq=False)  # identity equality: a field may hold an array
+class SyntheticSceneConfig:
+    """What a synthetic scene looks like; every field has a working default.
+
+    ``temperature`` sets how pure pixels are: the softmax of unit-variance fields at temperature T, so small T
+    (0.1) gives nearly pure patches with thin mixed borders and large T (5) gives everywhere-mixed pixels.
+    ``smoothness`` is the Gaussian random field's length scale in pixels (0 = independent pixels).
+    ``target_wavelengths_nm`` is None (the library's grid), a ``SENSOR_GRIDS`` name or an array of band centres.
+    ``sensor`` defaults to ``synthetic_<grid name>``. The "urban" abundance source has exactly 4 endmembers and
+    at most 307x307 pixels, and ignores ``smoothness`` and ``temperature``.
+    """
+
+    height: int = 64
+    width: int = 64
+    num_endmembers: int = 4
+    snr_db: float | None = 30.0
+    abundance_source: str = "gaussian_field"
+    smoothness: float = 8.0
+    temperature: float = 0.5
+    min_spectral_angle_deg: float = 5.0
+    target_wavelengths_nm: np.ndarray | str | None = None
+    sensor: str | None = None
+    name_prefix: str = "synthetic"
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "num_endmembers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"SyntheticSceneConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_endmembers < 2:
+            raise ConfigError(f"SyntheticSceneConfig.num_endmembers must be at least 2, got {self.num_endmembers}")
+        if self.snr_db is not None and not np.isfinite(self.snr_db):
+            raise ConfigError(f"SyntheticSceneConfig.snr_db must be a finite number of dB or None, got {self.snr_db}")
+        if self.abundance_source not in ABUNDANCE_SOURCES:
+            raise ConfigError(
+                f"SyntheticSceneConfig.abundance_source must be one of {ABUNDANCE_SOURCES}, "
+                f"got {self.abundance_source!r}"
+            )
+        if self.abundance_source == "urban":
+            urban_height, urban_width = _urban_abundance_maps().shape[:2]
+            if self.num_endmembers != 4:
+                raise ConfigError(
+                    f"SyntheticSceneConfig.num_endmembers must be 4 with abundance_source='urban' "
+                    f"(Urban's ground truth has 4 maps), got {self.num_endmembers}"
+                )
+            if self.height > urban_height or self.width > urban_width:
+                raise ConfigError(
+                    f"SyntheticSceneConfig.height/width {self.height}x{self.width} exceed the "
+                    f"{urban_height}x{urban_width} Urban abundance maps that abundance_source='urban' crops"
+                )
+        if not (np.isfinite(self.smoothness) and self.smoothness >= 0):
+            raise ConfigError(f"SyntheticSceneConfig.smoothness must be >= 0 pixels, got {self.smoothness}")
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"SyntheticSceneConfig.temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.min_spectral_angle_deg < 90:
+            raise ConfigError(
+                f"SyntheticSceneConfig.min_spectral_angle_deg must be in [0, 90), got {self.min_spectral_angle_deg}"
+            )
+        grid_name = "aviris224" if self.target_wavelengths_nm is None else None
+        if isinstance(self.target_wavelengths_nm, str):
+            grid_name = self.target_wavelengths_nm
+            self.target_wavelengths_nm = sensor_grid(grid_name)
+        if self.target_wavelengths_nm is not None:
+            target = np.asarray(self.target_wavelengths_nm, dtype=np.float32)
+            if target.ndim != 1 or target.size == 0 or not np.isfinite(target).all() or (target <= 0).any():
+                raise ConfigError(
+                    "SyntheticSceneConfig.target_wavelengths_nm must be a non-empty 1-D array of positive "
+                    f"nanometres, got shape {target.shape}"
+                )
+            self.target_wavelengths_nm = target
+        if self.sensor is None:
+            self.sensor = f"synthetic_{grid_name}" if grid_name else "synthetic"
+        if not self.name_prefix:
+            raise ConfigError("SyntheticSceneConfig.name_prefix must be a non-empty string")
+
+
+def scene_seed(seed: int, index: int) -> int:
+    """Seed of scene ``index`` in the corpus of ``seed`` (independent streams via SeedSequence spawn keys)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, dtype=np.uint64)[0])
+
+
+def generate_scene(config: SyntheticSceneConfig, seed: int, library: SpectralLibrary | None = None) -> Scene:
+    """One linear-mixing scene, a deterministic function of (config, seed, library)."""
+    library = load_spectral_library() if library is None else library
+    if config.target_wavelengths_nm is not None:
+        library = library.resampled(config.target_wavelengths_nm)
+    if config.num_endmembers > len(library):
+        raise ConfigError(
+            f"SyntheticSceneConfig.num_endmembers={config.num_endmembers} exceeds the {len(library)} spectra "
+            f"of {library.source}"
+        )
+    rng = np.random.default_rng(seed)
+    indices = _choose_endmembers(rng, library, config.num_endmembers, config.min_spectral_angle_deg)
+    endmembers = library.spectra[indices]
+
+    metadata: dict = {
+        "generator": "linear_mixing",
+        "seed": int(seed),
+        "snr_db": config.snr_db,
+        "abundance_source": config.abundance_source,
+        "library": library.source,
+        "library_indices": [int(i) for i in indices],
+    }
+    if config.abundance_source == "urban":
+        abundances, metadata["urban_crop"] = _urban_abundances(rng, config.height, config.width)
+    else:
+        abundances = _gaussian_field_abundances(rng, config)
+        metadata.update(smoothness=config.smoothness, temperature=config.temperature)
+
+    cube = (abundances.reshape(-1, config.num_endmembers) @ endmembers).reshape(config.height, config.width, -1)
+    noise_sigma = 0.0
+    if config.snr_db is not None:
+        signal_power = float(np.mean(np.square(cube), dtype=np.float64))
+        noise_sigma = float(np.sqrt(signal_power / 10 ** (config.snr_db / 10)))
+        cube += np.float32(noise_sigma) * rng.standard_normal(cube.shape, dtype=np.float32)
+    metadata["noise_sigma"] = noise_sigma
+
+    return Scene(
+        name=f"{config.name_prefix}_{int(seed):016x}",
+        cube=cube,
+        wavelengths_nm=library.wavelengths_nm,
+        sensor=config.sensor,
+        abundances=abundances,
+        endmembers=endmembers,
+        endmember_names=[library.names[i] for i in indices],
+        source="hsfm_train.data.synthetic",
+        metadata=metadata,
+    )
+
+
+def generate_scenes(config: SyntheticSceneConfig, count: int, seed: int) -> Iterator[Scene]:
+    """``count`` scenes, made lazily one at a time; scene i is ``generate_scene(config, scene_seed(seed, i))``."""
+    if count < 0:
+        raise ConfigError(f"count must be >= 0, got {count}")
+    library = load_spectral_library()
+    return (generate_scene(config, scene_seed(seed, index), library) for index in range(count))
+
+
+def _choose_endmembers(
+    rng: np.random.Generator, library: SpectralLibrary, count: int, min_angle_deg: float
+) -> np.ndarray:
+    """Indices of ``count`` library spectra whose pairwise spectral angles are all >= ``min_angle_deg``."""
+    unit = library.spectra / np.linalg.norm(library.spectra, axis=1, keepdims=True)
+    max_cosine = np.cos(np.deg2rad(min_angle_deg))
+    for _ in range(ENDMEMBER_SELECTION_ATTEMPTS):
+        chosen: list[int] = []
+        for candidate in rng.permutation(len(library)):
+            if not chosen or (unit[chosen] @ unit[candidate] <= max_cosine).all():
+                chosen.append(int(candidate))
+                if len(chosen) == count:
+                    return np.array(chosen)
+    raise ConfigError(
+        f"could not find {count} spectra in {library.source} with pairwise angles >= {min_angle_deg} degrees "
+        f"in {ENDMEMBER_SELECTION_ATTEMPTS} attempts; lower SyntheticSceneConfig.num_endmembers or "
+        "min_spectral_angle_deg"
+    )
+
+
+def _gaussian_field_abundances(rng: np.random.Generator, config: SyntheticSceneConfig) -> np.ndarray:
+    """[H, W, R] abundances: softmax over endmembers of unit-variance Gaussian random fields."""
+    noise = rng.standard_normal((config.height, config.width, config.num_endmembers))
+    fields = gaussian_filter(noise, sigma=(config.smoothness, config.smoothness, 0))
+    # Filtering shrinks the variance by the kernel's energy; dividing by its theoretical std (not the sample std)
+    # keeps the temperature's meaning independent of smoothness without forcing every scene to hold every material.
+    fields /= _filtered_noise_std(config.smoothness)
+    logits = fields / config.temperature
+    weights = np.exp(logits - logits.max(axis=2, keepdims=True))
+    return (weights / weights.sum(axis=2, keepdims=True)).astype(np.float32)
+
+
+def _filtered_noise_std(smoothness: float) -> float:
+    """Std of unit white noise after a 2-D gaussian_filter of this sigma (the 2-D kernel's L2 norm)."""
+    if smoothness == 0:
+        return 1.0
+    radius = int(4.0 * smoothness + 0.5)  # gaussian_filter's default truncate=4.0
+    impulse = np.zeros(2 * radius + 1)
+    impulse[radius] = 1.0
+    kernel = gaussian_filter1d(impulse, smoothness, mode="constant")
+    return float(np.sum(kernel**2))  # separable: ||k2d||^2 = ||k1d||^4
+
+
+@functools.lru_cache(maxsize=1)
+def _urban_abundance_maps() -> np.ndarray:
+    """Urban's real [307, 307, 4] ground-truth abundances (float16 asset, renormalised to sum to one)."""
+    resource = resources.files("hsfm_train") / "assets" / URBAN_ABUNDANCE_ASSET
+    with resource.open("rb") as handle, np.load(handle, allow_pickle=False) as archive:
+        maps = archive["abundances"].astype(np.float32)
+    maps /= maps.sum(axis=2, keepdims=True)  # float16 storage leaves sums off by up to 4e-4
+    maps.flags.writeable = False  # shared by every scene
+    return maps
+
+
+def _urban_abundances(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, dict]:
+    """A random crop of Urban's maps after a random rotation by k*90 degrees and optional left-right flip."""
+    rotations, flipped = int(rng.integers(4)), bool(rng.integers(2))
+    maps = np.rot90(_urban_abundance_maps(), k=rotations)
+    if flipped:
+        maps = maps[:, ::-1]
+    row = int(rng.integers(maps.shape[0] - height + 1))
+    col = int(rng.integers(maps.shape[1] - width + 1))
+    crop = {"rot90": rotations, "flip_lr": flipped, "row": row, "col": col}
+    return maps[row : row + height, col : col + width].copy(), crop  # the cached maps are read-only
