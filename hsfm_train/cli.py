@@ -94,7 +94,7 @@ def _scene_sources(args: argparse.Namespace) -> Iterator[Any]:
             num_endmembers=args.synthetic_endmembers,
             snr_db=args.synthetic_snr,
             abundance_source=args.synthetic_abundances,
-            target_wavelengths_nm=SENSOR_GRIDS[args.synthetic_grid],
+            target_wavelengths_nm=args.synthetic_grid,
             sensor=f"synthetic_{args.synthetic_grid}",
         )
         yield from generate_scenes(config, args.synthetic, seed=args.seed)

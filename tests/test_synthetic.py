@@ -18,7 +18,7 @@ from hsfm_train.data.synthetic import (
     sensor_grid,
 )
 from hsfm_train.errors import ConfigError, DataFormatError
-from conftest import shared_file
+from tests.conftest import shared_file
 
 
 @pytest.fixture(scope="module")

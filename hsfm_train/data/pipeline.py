@@ -230,7 +230,11 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        num_workers = info.num_workers if info else 1
+        # DataLoader hands out batches round-robin starting at worker 0; on resume the logical worker whose turn
+        # it is must sit in slot 0, so logical ids are rotated by the number of batches already delivered.
+        rotation = sum(self.skip_per_worker) % num_workers
+        worker = ((info.id if info else 0) + rotation) % num_workers
         config = self.config
         stream_seed = [config.seed, self.epoch, self.rank, worker]
         rng = np.random.default_rng(np.random.SeedSequence(stream_seed))

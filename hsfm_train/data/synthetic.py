@@ -40,6 +40,7 @@ ABUNDANCE_SOURCES = ("gaussian_field", "urban")
 # Greedy selection scans a whole random permutation of the library per attempt, so a failure after this many
 # attempts means the requested count/angle is (nearly) impossible, not unlucky.
 ENDMEMBER_SELECTION_ATTEMPTS = 10
+NOISE_BLOCK_VALUES = 2**20
 
 
 @dataclass
@@ -234,12 +235,15 @@ def generate_scene(config: SyntheticSceneConfig, seed: int, library: SpectralLib
         abundances = _gaussian_field_abundances(rng, config)
         metadata.update(smoothness=config.smoothness, temperature=config.temperature)
 
-    cube = (abundances.reshape(-1, config.num_endmembers) @ endmembers).reshape(config.height, config.width, -1)
+    pixels = abundances.reshape(-1, config.num_endmembers)
+    cube = (pixels @ endmembers).reshape(config.height, config.width, -1)
     noise_sigma = 0.0
     if config.snr_db is not None:
-        signal_power = float(np.mean(np.square(cube), dtype=np.float64))
+        # mean(Y^2) = <A^T A, E E^T> / (N B): exact in float64 from two R x R Gram matrices, no cube-sized copy.
+        pixels64, endmembers64 = pixels.astype(np.float64), endmembers.astype(np.float64)
+        signal_power = float(np.sum((pixels64.T @ pixels64) * (endmembers64 @ endmembers64.T)) / cube.size)
         noise_sigma = float(np.sqrt(signal_power / 10 ** (config.snr_db / 10)))
-        cube += np.float32(noise_sigma) * rng.standard_normal(cube.shape, dtype=np.float32)
+        _add_gaussian_noise(rng, cube, noise_sigma)
     metadata["noise_sigma"] = noise_sigma
 
     return Scene(
@@ -281,6 +285,18 @@ def _choose_endmembers(
         f"in {ENDMEMBER_SELECTION_ATTEMPTS} attempts; lower SyntheticSceneConfig.num_endmembers or "
         "min_spectral_angle_deg"
     )
+
+
+def _add_gaussian_noise(rng: np.random.Generator, cube: np.ndarray, sigma: float) -> None:
+    """Add N(0, sigma^2) noise in place, in blocks of rows so large scenes need only ~4 MB more memory."""
+    rows_per_block = max(1, NOISE_BLOCK_VALUES // (cube.shape[1] * cube.shape[2]))
+    buffer = np.empty((rows_per_block, *cube.shape[1:]), dtype=np.float32)
+    for start in range(0, cube.shape[0], rows_per_block):
+        block = cube[start : start + rows_per_block]
+        noise = buffer[: block.shape[0]]
+        rng.standard_normal(dtype=np.float32, out=noise)
+        noise *= np.float32(sigma)
+        block += noise
 
 
 def _gaussian_field_abundances(rng: np.random.Generator, config: SyntheticSceneConfig) -> np.ndarray:
