@@ -271,6 +271,17 @@ def test_geotiff_imagery_domain_wavelengths(tmp_path):
     np.testing.assert_allclose(scene.wavelengths_nm, [664.6, 559.8, 492.4], rtol=1e-6)
 
 
+def test_options_shared_by_every_format():
+    path = shared_file("classification/salinasA/SalinasA.mat")
+    plain = read_scene(path)
+    labels = np.arange(83 * 86, dtype=np.int16).reshape(83, 86) % 3
+    scene = read_scene(path, scale=1e-4, sensor="aviris_salinas", name="salinas_a", labels=labels,
+                       wavelengths_nm=np.linspace(400, 2500, 224))
+    assert np.array_equal(scene.cube, plain.cube * np.float32(1e-4))
+    assert (scene.sensor, scene.name) == ("aviris_salinas", "salinas_a")
+    assert np.array_equal(scene.labels, labels) and scene.wavelengths_nm[-1] == 2500
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 

@@ -18,7 +18,7 @@ SPATIAL_KEYS = ("hsi", "pair", "valid", "labels", "abundances")
 IMAGE_KEYS = ("hsi", "pair")
 
 
-@dataclass(frozen=True)
+@dataclass
 class AugmentConfig:
     enabled: bool = False
     hflip: float = 0.5  # probabilities

@@ -84,7 +84,9 @@ _SENTINEL1_C_BAND_NM = (5.5465763e7,)
 # Zhu-style .mat variables that are never the cube: image size, endmember count and ground truth.
 _ZHU_AUXILIARY_VARIABLES = frozenset({"nRow", "nCol", "nBand", "nEnd", "A", "M", "cood"})
 
-_MICROMETRE_UNITS = frozenset({"micrometers", "micrometres", "micrometer", "micrometre", "microns", "micron", "um", "µm"})
+_MICROMETRE_UNITS = frozenset(
+    {"micrometers", "micrometres", "micrometer", "micrometre", "microns", "micron", "um", "µm"}
+)
 _NANOMETRE_UNITS = frozenset({"nanometers", "nanometres", "nanometer", "nanometre", "nm"})
 
 
