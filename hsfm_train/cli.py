@@ -122,6 +122,9 @@ def _build(args: argparse.Namespace) -> int:
 
     if not args.inputs and not args.manifest and not args.synthetic:
         raise HsfmError("nothing to build: give scene files, --manifest or --synthetic N")
+    for path in [*args.inputs, *([args.manifest] if args.manifest else [])]:
+        if not path.exists():  # fail before any shard is written
+            raise FileNotFoundError(f"input {path} does not exist")
     config = ShardBuildConfig(
         output_dir=str(args.out),
         name=args.name,

@@ -477,7 +477,7 @@ def build_shards(scenes: Iterable[Scene], config: ShardBuildConfig, progress: bo
     write_json_atomic(index_path, index)
     for stale in previous - {r["file"] for r in shard_records}:
         (output / stale).unlink()  # left over from an earlier, larger build of the same name
-    return index
+    return {**index, "root": str(output)}
 
 
 def _register_band_set(
