@@ -69,8 +69,13 @@ def test_float32_round_trip_reassembles_samson_exactly(tmp_path):
 def test_float16_tiles_stay_within_half_precision(tmp_path):
     scene = salinas_a_scene()  # integer DN up to ~8400
     build_shards([scene], ShardBuildConfig(str(tmp_path), dtype="float16", tiling=TilingConfig(tile_size=32)))
-    for sample in read_all_samples(load_index(tmp_path)):
-        assert sample["hsi"].dtype == np.float16
+    index = load_index(tmp_path)
+    with tarfile.open(shard_urls(index)[0]) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(".hsi.npy"))
+        stored = np.load(io.BytesIO(archive.extractfile(member).read()), allow_pickle=False)
+    assert stored.dtype == np.float16
+    for sample in read_all_samples(index):
+        assert sample["hsi"].dtype == np.float32 and sample["meta"]["dtype"] == "float16"
         row, col = sample["meta"]["origin"]
         original = np.moveaxis(scene.cube[row:row + 32, col:col + 32], 2, 0)
         np.testing.assert_allclose(sample["hsi"].astype(np.float32), original, rtol=2**-11, atol=0)

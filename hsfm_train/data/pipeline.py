@@ -256,9 +256,6 @@ class ShardStream(IterableDataset):
         config = self.config
         for sample in group:
             band_set = self.band_sets[sample["meta"]["band_set"]]
-            sample["hsi"] = sample["hsi"].astype(np.float32)
-            if "pair" in sample:
-                sample["pair"] = sample["pair"].astype(np.float32)
             if config.crop_size:
                 crop(sample, config.crop_size, rng if config.augment.enabled else None)
             if config.augment.enabled:
