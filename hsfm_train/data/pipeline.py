@@ -220,11 +220,12 @@ class ShardStream(IterableDataset):
     def _grouped(self, samples: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
         buckets: dict[tuple, list[dict[str, Any]]] = {}
         for sample in samples:
-            bucket = buckets.setdefault(self._bucket_key(sample), [])
+            key = self._bucket_key(sample)
+            bucket = buckets.setdefault(key, [])
             bucket.append(sample)
             if len(bucket) == self.config.batch_size:
                 yield bucket
-                buckets[self._bucket_key(sample)] = []
+                buckets[key] = []
         if not self.config.drop_last:  # only reached in finite mode
             yield from (bucket for bucket in buckets.values() if bucket)
 

@@ -87,9 +87,10 @@ def band_set_id(sensor: str, bands: int, wavelengths_nm: np.ndarray | None) -> s
 
 
 def encode_tile(tile: Tile, scene: Scene, dtype: str) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """Members of one sample and its meta record."""
+    """Members of one sample and its meta record; ``tile.hsi``/``tile.pair`` are cast to ``dtype`` in place
+    so the caller's statistics see exactly the stored values."""
     np_dtype = TILE_DTYPES[dtype]
-    hsi = tile.hsi.astype(np_dtype)
+    tile.hsi = hsi = tile.hsi.astype(np_dtype, copy=False)
     meta: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "scene": scene.name,
@@ -116,7 +117,8 @@ def encode_tile(tile: Tile, scene: Scene, dtype: str) -> tuple[dict[str, bytes],
             meta["endmember_names"] = scene.endmember_names
     if tile.pair is not None:
         pair_sensor = scene.pair_sensor or "unknown"
-        members["pair.npy"] = encode_npy(tile.pair.astype(np_dtype))
+        tile.pair = tile.pair.astype(np_dtype, copy=False)
+        members["pair.npy"] = encode_npy(tile.pair)
         if scene.pair_wavelengths_nm is not None:
             members["pair_wavelengths.npy"] = encode_npy(scene.pair_wavelengths_nm.astype(np.float32))
         meta["pair_sensor"] = pair_sensor
@@ -449,14 +451,11 @@ def build_shards(scenes: Iterable[Scene], config: ShardBuildConfig, progress: bo
                 tile = tiles[position]
                 members, meta = encode_tile(tile, scene, config.dtype)
                 writer.write(tile.key, members, meta["band_set"])
-                stored = tile.hsi.astype(TILE_DTYPES[config.dtype])
-                _register_band_set(band_sets, statistics, meta["band_set"], scene.sensor, scene.wavelengths_nm, stored, tile.valid)
+                _register_band_set(band_sets, statistics, meta["band_set"], scene.sensor, scene.wavelengths_nm,
+                                   tile.hsi, tile.valid)
                 if tile.pair is not None:
-                    stored_pair = tile.pair.astype(TILE_DTYPES[config.dtype])
-                    _register_band_set(
-                        band_sets, statistics, meta["pair_band_set"], meta["pair_sensor"], scene.pair_wavelengths_nm,
-                        stored_pair, tile.valid,
-                    )
+                    _register_band_set(band_sets, statistics, meta["pair_band_set"], meta["pair_sensor"],
+                                       scene.pair_wavelengths_nm, tile.pair, tile.valid)
             for reason, count in scene_dropped.items():
                 dropped[reason] = dropped.get(reason, 0) + count
             scene_records.append(_scene_record(scene, len(tiles), scene_dropped))
