@@ -2,6 +2,9 @@
 
     hsfm shards build INPUT... --out DIR [--synthetic N ...]   scenes -> WebDataset shards + index.json
     hsfm shards inspect DIR|SHARD.tar [--verify]              summarise (and check) shards
+    hsfm pretrain [group=option] [key=value ...]               spectral MAE pretraining (Hydra overrides)
+    hsfm export RUN_DIR|CHECKPOINT_DIR --out DIR                safetensors + config.json for downstream use
+    hsfm eval-recon MODEL --shards DIR                          PSNR / SSIM / spectral angle of masked reconstructions
 
 Errors that name bad input are printed as one line (set HSFM_DEBUG=1 for the traceback).
 """
@@ -71,7 +74,81 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verify", action="store_true", help="read every shard: counts, checksums, decoding")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(handler=_inspect)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="pretrain the spectral MAE (no arguments: the demo job)",
+        description="Compose configs/pretrain.yaml with Hydra overrides, e.g. objective=karma model=small "
+                    "trainer.max_steps=1000 data=shards data.train.shards=DIR data.eval.shards=DIR. "
+                    "A rerun with the same output_dir resumes from its latest checkpoint.")
+    pretrain.add_argument("overrides", nargs="*", help="Hydra overrides: group=option or dotted.key=value")
+    pretrain.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    pretrain.set_defaults(handler=_pretrain)
+
+    export = commands.add_parser("export", help="export a run or checkpoint as model.safetensors + config.json")
+    export.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a checkpoint directory")
+    export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--encoder-only", action="store_true", help="leave out the decoder and the LSMM head")
+    export.set_defaults(handler=_export)
+
+    evaluate = commands.add_parser("eval-recon", help="masked-reconstruction PSNR / SSIM / spectral angle")
+    evaluate.add_argument("model", type=Path, help="an export directory, a run directory or a checkpoint directory")
+    evaluate.add_argument("--shards", required=True, type=Path, help="shard directory with index.json")
+    evaluate.add_argument("--mask-ratio", type=float, default=0.75)
+    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--max-batches", type=int, default=None)
+    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.set_defaults(handler=_eval_recon)
     return parser
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from hsfm_train.stages.pretrain import format_summary, load_pretrain_config, run_pretrain
+
+    config = load_pretrain_config(args.overrides)
+    if args.print_config:
+        print(OmegaConf.to_yaml(OmegaConf.structured(config)))
+        return 0
+    summary = run_pretrain(config)
+    print(format_summary(summary))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hsfm_train.engine.export import export_model
+    from hsfm_train.stages.pretrain import model_from_checkpoint
+
+    model, metadata = model_from_checkpoint(args.source)
+    path = export_model(model, args.out, encoder_only=args.encoder_only,
+                        normalization=metadata.get("normalization"), provenance=metadata.get("provenance"))
+    print(f"exported {metadata['checkpoint']} -> {path} ({'encoder only' if args.encoder_only else 'full model'})")
+    return 0
+
+
+def _eval_recon(args: argparse.Namespace) -> int:
+    from hsfm_train.engine.export import CONFIG_FILE, load_pretrained
+    from hsfm_train.stages.eval_recon import EvalConfig, eval_loader, evaluate_reconstruction
+    from hsfm_train.stages.pretrain import model_from_checkpoint
+
+    if (args.model / CONFIG_FILE).exists():
+        model = load_pretrained(args.model)
+    else:
+        model, _ = model_from_checkpoint(args.model)
+    config = EvalConfig(mask_ratio=args.mask_ratio, seed=args.seed, max_batches=args.max_batches,
+                        batch_size=args.batch_size)
+    results = evaluate_reconstruction(model, eval_loader(str(args.shards), args.batch_size), config)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print(f"{args.model} on {args.shards}: {results['images']} tiles, mask ratio {args.mask_ratio}")
+        print(f"  PSNR {results['psnr']:.2f} dB   SSIM {results['ssim']:.4f}   SAM {results['sam_deg']:.3f} deg")
+        for key in sorted(k for k in results if k.endswith("/psnr")):
+            band_set = key[: -len("/psnr")]
+            print(f"  {band_set}: PSNR {results[key]:.2f} dB   SSIM {results[band_set + '/ssim']:.4f}   "
+                  f"SAM {results[band_set + '/sam_deg']:.3f} deg")
+    return 0
 
 
 def _scene_sources(args: argparse.Namespace) -> Iterator[Any]:

@@ -31,6 +31,26 @@ def to_dataclass(schema: type[T], values: Mapping[str, Any] | Any, where: str) -
         raise ConfigError(f"{where}: '{error.full_key}': {str(error).splitlines()[0]}") from None
 
 
+def compose(config_name: str, overrides: list[str], schema: type[T]) -> T:
+    """Compose ``configs/<config_name>.yaml`` with Hydra command-line style overrides (``group=option``,
+    ``a.b=value``) and validate it against ``schema``; every mistake is one ConfigError naming the key."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException as OmegaError
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            values = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaError) as error:
+        message = str(error).strip().splitlines()[0]
+        key = next((o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o
+                    and f"'{o.split('=', 1)[0].lstrip('+~').split('.')[-1]}'" in str(error)), None)
+        hint = _closest_key(schema, key) if key else ""
+        raise ConfigError(f"{config_name} config: {message}{hint}") from None
+    return to_dataclass(schema, values, f"{config_name} config")
+
+
 def _closest_key(schema: type, dotted_key: str) -> str:
     """A "did you mean" hint for a mistyped key; nested dataclasses are reached through their factories."""
     *parents, leaf = dotted_key.split(".")

@@ -11,9 +11,9 @@ from hsfm_train.errors import ConfigError
 
 @pytest.mark.parametrize("name", ["train", "eval"])
 def test_data_configs_build_loader_configs(name):
-    values = OmegaConf.load(CONFIG_DIR / "data" / f"{name}.yaml")
+    values = OmegaConf.load(CONFIG_DIR / "loader" / f"{name}.yaml")
     values.shards = "/some/shards"
-    config = to_dataclass(LoaderConfig, values, f"data/{name}.yaml")
+    config = to_dataclass(LoaderConfig, values, f"loader/{name}.yaml")
     assert isinstance(config, LoaderConfig) and config.shards == "/some/shards"
     assert config.resampled is (name == "train") and config.augment.enabled is (name == "train")
 
@@ -26,6 +26,6 @@ def test_config_mistakes_name_the_key():
     with pytest.raises(ConfigError, match="'batch_size'"):
         to_dataclass(LoaderConfig, {"shards": "x", "batch_size": "eight"}, "data")
     with pytest.raises(ConfigError, match="'shards' must be set"):
-        to_dataclass(LoaderConfig, OmegaConf.load(CONFIG_DIR / "data" / "train.yaml"), "data/train.yaml")
+        to_dataclass(LoaderConfig, OmegaConf.load(CONFIG_DIR / "loader" / "train.yaml"), "loader/train.yaml")
     with pytest.raises(ConfigError, match="batching must be 'bucket' or 'pad'"):
         to_dataclass(LoaderConfig, {"shards": "x", "batching": "mix"}, "data")

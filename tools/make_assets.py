@@ -2,8 +2,10 @@
 
     python tools/make_assets.py [--shared-data ../shared/data]
 
-Writes usgs_splib_aviris224.npz (USGS library resampled to AVIRIS' 224 bands) and urban_abundances_end4.npz
-(Urban's real 4-endmember abundance maps as float16), then prints each file's size and sha256 for assets/README.md.
+Writes usgs_splib_aviris224.npz (USGS library resampled to AVIRIS' 224 bands), urban_abundances_end4.npz
+(Urban's real 4-endmember abundance maps as float16) and samson_demo.npz (the whole Samson scene, cube and abundances
+as float16, for the packaged demo data of `hsfm pretrain`), then prints each file's size and sha256 for
+assets/README.md.
 Rerunning reproduces the same bytes (same sha256), checked with numpy 2.4 (its zip entries carry a fixed date).
 """
 from __future__ import annotations
@@ -44,6 +46,24 @@ def convert_urban_abundances(npz_path: Path, out_path: Path) -> None:
         )
 
 
+def convert_samson(npz_path: Path, out_path: Path) -> None:
+    with np.load(npz_path) as samson:
+        cube, abundances = samson["cube"], samson["abundances"]
+        # float16 halves the cube (values in [0, 1], ~2.4e-4 precision near 1, well under the sensor's own
+        # quantisation of 1/1402); endmembers and wavelengths are tiny, so they stay float32.
+        cube16, abundances16 = cube.astype(np.float16), abundances.astype(np.float16)
+        for name, exact, stored in (("cube", cube, cube16), ("abundances", abundances, abundances16)):
+            print(f"{name} {exact.shape} float16 max abs error {np.abs(stored.astype(np.float32) - exact).max():.3g}")
+        np.savez_compressed(
+            out_path,
+            cube=cube16,
+            wavelengths_nm=samson["wavelengths_nm"].astype(np.float32),
+            endmembers=samson["endmembers"].astype(np.float32),
+            abundances=abundances16,
+            endmember_names=samson["endmember_names"],
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared-data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -51,6 +71,7 @@ def main() -> None:
     outputs = {
         "usgs_splib_aviris224.npz": (convert_usgs_library, "unmixing/usgs_library/USGS_1995_Library.mat"),
         "urban_abundances_end4.npz": (convert_urban_abundances, "unmixing/urban/urban_gt_end4.npz"),
+        "samson_demo.npz": (convert_samson, "unmixing/samson/samson.npz"),
     }
     ASSETS.mkdir(exist_ok=True)
     for out_name, (convert, source) in outputs.items():

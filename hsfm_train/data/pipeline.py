@@ -269,7 +269,7 @@ class ShardStream(IterableDataset):
             if "valid" in sample:  # invalid pixels read as the band mean (0 after normalisation)
                 invalid = sample["valid"] == 0
                 sample["hsi"][:, invalid] = 0.0
-        return collate(group, self.band_sets)
+        return collate(group, self.band_sets, normalized=config.normalize)
 
 
 def _normalise(image: np.ndarray, band_set: dict[str, np.ndarray]) -> np.ndarray:
@@ -280,27 +280,37 @@ def _split(total: int, parts: int, part: int) -> tuple[int, int]:
     return total * part // parts, total * (part + 1) // parts
 
 
-def collate(group: list[dict[str, Any]], band_sets: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+def collate(group: list[dict[str, Any]], band_sets: dict[str, dict[str, np.ndarray]],
+            normalized: bool = False) -> dict[str, Any]:
     """Stack samples into a batch dict; bands are zero-padded to the widest sample, ``band_mask`` says which
-    are real (all True within one band set)."""
+    are real (all True within one band set). ``hsi * band_std + band_mean`` is always the stored (reflectance)
+    value: the index statistics when the loader normalised, 0 and 1 otherwise."""
     count = len(group)
     height, width = group[0]["hsi"].shape[1:]
     max_bands = max(s["hsi"].shape[0] for s in group)
     hsi = torch.zeros(count, max_bands, height, width)
     wavelengths = torch.full((count, max_bands), float("nan"))
     band_mask = torch.zeros(count, max_bands, dtype=torch.bool)
+    band_mean = torch.zeros(count, max_bands)
+    band_std = torch.ones(count, max_bands)
     valid = torch.ones(count, height, width, dtype=torch.bool)
     for i, sample in enumerate(group):
         bands = sample["hsi"].shape[0]
         hsi[i, :bands] = torch.from_numpy(sample["hsi"])
         wavelengths[i, :bands] = torch.from_numpy(band_sets[sample["meta"]["band_set"]]["wavelengths"])
         band_mask[i, :bands] = True
+        if normalized:
+            band_set = band_sets[sample["meta"]["band_set"]]
+            band_mean[i, :bands] = torch.from_numpy(band_set["mean"])
+            band_std[i, :bands] = torch.from_numpy(band_set["std"])
         if "valid" in sample:
             valid[i] = torch.from_numpy(sample["valid"].astype(bool))
     batch: dict[str, Any] = {
         "hsi": hsi,
         "wavelengths": wavelengths,
         "band_mask": band_mask,
+        "band_mean": band_mean,
+        "band_std": band_std,
         "valid": valid,
         "key": [s["key"] for s in group],
         "scene": [s["meta"]["scene"] for s in group],

@@ -1,0 +1,122 @@
+"""Export a trained backbone for downstream work: ``model.safetensors`` + ``config.json``; and load it back.
+
+config.json carries what a user needs to feed the backbone correctly: the architecture, how bands are handled
+(by centre wavelength; any band set), the per-band normalisation statistics of every band set it was trained on,
+and provenance (step, samples, objective, data, versions). No pickle: tensors in safetensors, the rest JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hsfm_train.config import to_dataclass
+from hsfm_train.data.shards import write_json_atomic
+from hsfm_train.errors import DataFormatError
+from hsfm_train.models.mae import ModelConfig, SpectralMAE
+
+FORMAT = "hsfm-train/spectral-mae"
+FORMAT_VERSION = 1
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+BAND_HANDLING = (
+    "Bands are identified by centre wavelength in nm (batch['wavelengths'], [N, B]); any band count and any "
+    "sensor work without re-initialising. Bands are grouped by group_edges_nm into spectral groups (VNIR / SWIR / "
+    "microwave), one token per group and patch. Inputs are expected normalised per band as (x - mean) / std with "
+    "the statistics below for a known band set, or statistics of your own data for a new one.")
+
+
+def encoder_keys(model: SpectralMAE) -> set[str]:
+    return set(SpectralMAE(model.config, with_decoder=False).state_dict())
+
+
+def export_model(model: SpectralMAE, output_dir: str | Path, *, encoder_only: bool = False,
+                 normalization: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> Path:
+    """Write the export atomically (a temporary directory renamed into place); returns the directory."""
+    output = Path(output_dir)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if encoder_only:
+        keep = encoder_keys(model)
+        state = {k: v for k, v in state.items() if k in keep}
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "encoder_only": encoder_only,
+        "model": asdict(model.config),
+        "band_handling": BAND_HANDLING,
+        "normalization": normalization or {},
+        "provenance": {**(provenance or {}), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "torch": torch.__version__, "python": platform.python_version(), "git_commit": _git_commit()},
+        "parameters": sum(v.numel() for v in state.values()),
+    }
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
+    write_json_atomic(staging / CONFIG_FILE, config)
+    with open(staging / WEIGHTS_FILE, "rb") as handle:  # config.json is fsynced by write_json_atomic
+        os.fsync(handle.fileno())
+    if output.exists():
+        retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(retired)
+        staging.rename(output)
+        for child in retired.iterdir():
+            child.unlink()
+        retired.rmdir()
+    else:
+        staging.rename(output)
+    return output
+
+
+def read_export_config(path: str | Path) -> dict[str, Any]:
+    config_path = Path(path) / CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise DataFormatError(f"{config_path}: no config.json; is {path} an `hsfm export` directory?") from None
+    except json.JSONDecodeError as error:
+        raise DataFormatError(f"{config_path}: not valid JSON ({error})") from None
+    if config.get("format") != FORMAT:
+        raise DataFormatError(f"{config_path}: format {config.get('format')!r} is not {FORMAT!r}")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise DataFormatError(f"{config_path}: format version {config['format_version']} is newer than this "
+                              f"hsfm-train reads ({FORMAT_VERSION}); upgrade hsfm-train")
+    return config
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> SpectralMAE:
+    """A ready backbone (eval mode) from an export directory; ``model.export_config`` holds config.json
+    (normalisation statistics, provenance). Encoder-only exports give a model without decoder."""
+    config = read_export_config(path)
+    model_config = to_dataclass(ModelConfig, config["model"], f"{Path(path) / CONFIG_FILE} model")
+    model = SpectralMAE(model_config, with_decoder=not config["encoder_only"])
+    weights_path = Path(path) / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights_path))
+    except FileNotFoundError:
+        raise DataFormatError(f"{weights_path}: missing") from None
+    except Exception as error:  # safetensors raises its own error types for truncated / corrupt files
+        raise DataFormatError(f"{weights_path}: cannot be read ({error}); the file is truncated or corrupt") from None
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise DataFormatError(f"{weights_path}: does not match the architecture in config.json "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.load_state_dict(state)
+    model.export_config = config
+    return model.to(device).eval()
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None

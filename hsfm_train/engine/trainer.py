@@ -1,0 +1,371 @@
+"""The training loop on Accelerate: accumulation, clipping, AdamW with warm-up + cosine per step, a non-finite
+guard, throughput, checkpoints with exact resume, and clean exit on SIGTERM / SIGUSR1 (Slurm preemption).
+
+Nothing here assumes one process: the data loader splits itself by rank, every decision that must agree across
+ranks (skip a non-finite step, stop on a signal) is taken on all-reduced values, and checkpoint writes happen on
+the main process between barriers. What is not here yet: DeepSpeed / FSDP sharded optimiser states.
+
+Exact resume: a step is a deterministic function of (weights, optimiser, scheduler, data position, step number):
+the masking noise of micro-batch m of step s comes from a generator seeded by (seed, s, m, rank), and the loader
+restores its position from its state. A run killed at any moment and restarted with the same command continues
+from ``latest`` and ends with the same weights as an uninterrupted run (on CPU, where kernels are deterministic).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object
+
+from hsfm_train.engine.checkpoint import Checkpointer
+from hsfm_train.engine.logging import RunLogger
+from hsfm_train.errors import ConfigError, DataQualityError, HsfmError
+
+# dense bf16 tensor-core peaks (FLOP/s) for the MFU estimate; unknown devices report no MFU
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
+
+
+class TrainingDiverged(HsfmError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # MAE: lr = base_lr x effective batch / 256
+    lr: float | None = None  # an absolute peak lr overrides the scaling rule
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 20
+    clip_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still computed for the finite check)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200  # optimiser steps
+    grad_accumulation: int = 1
+    global_batch: int | None = None  # if set: grad_accumulation = global_batch / (batch size x processes)
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    figure_every: int = 100  # 0: no figures
+    max_nonfinite_steps: int = 10  # consecutive skipped steps before the run stops
+    resume: bool = True  # continue from output_dir's latest checkpoint when there is one
+    progress: bool = True
+    wandb: bool = True  # offline unless an API key is configured
+    wandb_project: str = "hsfm-train"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optim, dict):
+            self.optim = OptimConfig(**self.optim)
+        problems = []
+        if self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.grad_accumulation < 1:
+            problems.append(f"grad_accumulation must be >= 1, got {self.grad_accumulation}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            problems.append("checkpoint_every and log_every must be >= 1")
+        if len(self.optim.betas) != 2:
+            problems.append(f"optim.betas must have two values, got {self.optim.betas}")
+        if problems:
+            raise ConfigError("trainer: " + "; ".join(problems))
+
+
+def resolve_accumulation(config: TrainerConfig, batch_size: int, processes: int) -> int:
+    """Micro-batches per optimiser step; a global batch that the per-process batch cannot tile is an error."""
+    if config.global_batch is None:
+        return config.grad_accumulation
+    per_step = batch_size * processes
+    if config.global_batch % per_step:
+        raise ConfigError(f"trainer.global_batch {config.global_batch} is not divisible by batch_size {batch_size} "
+                          f"x {processes} process(es) = {per_step}")
+    accumulation = config.global_batch // per_step
+    if config.grad_accumulation not in (1, accumulation):
+        raise ConfigError(f"trainer.grad_accumulation {config.grad_accumulation} contradicts global_batch "
+                          f"{config.global_batch} = {accumulation} x {per_step}; set only one of them")
+    return accumulation
+
+
+def make_accelerator(config: TrainerConfig) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
+    if precision == "bf16" and not cuda:
+        raise ConfigError("trainer.precision=bf16 needs a GPU; CPU training runs in fp32 (precision=auto)")
+    # gloo for CPU process groups (NCCL needs GPUs); accumulation is handled by the loop, not by Accelerate
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else []
+    return Accelerator(cpu=not cuda, mixed_precision="no" if precision == "fp32" else precision,
+                       kwargs_handlers=handlers)
+
+
+def peak_lr(optim: OptimConfig, effective_batch: int) -> float:
+    return optim.lr if optim.lr is not None else optim.base_lr * effective_batch / 256
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine down to ``floor`` (a fraction of the peak)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    samples: int = 0
+    skipped_steps: int = 0
+    consecutive_skipped: int = 0
+    stopped_by: str | None = None  # "max_steps", "signal SIGTERM" ...
+    last_loss: float = float("nan")
+    history: list[dict[str, float]] = field(default_factory=list)  # the logged (step, loss) points
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag that the loop checks between steps; the handlers are restored afterwards."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> PreemptionFlag:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *_exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Runs ``loss_fn(model, batch, generator) -> (loss, parts, tokens_per_sample)`` for ``config.max_steps``
+    optimiser steps over an endless stream of batches from ``loader`` (a StreamingLoader)."""
+
+    def __init__(self, config: TrainerConfig, model: torch.nn.Module, loss_fn: Callable, loader: Any,
+                 output_dir: str | Path, logger: RunLogger, accelerator: Accelerator, seed: int = 0,
+                 figure_fn: Callable[[torch.nn.Module, int], Path | None] | None = None,
+                 run_metadata: dict[str, Any] | None = None):
+        self.config = config
+        self.accelerator = accelerator
+        self.loader = loader
+        self.loss_fn = loss_fn
+        self.logger = logger
+        self.seed = seed
+        self.figure_fn = figure_fn
+        self.run_metadata = run_metadata or {}
+        self.output_dir = Path(output_dir)
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep_last=config.keep_last,
+                                         is_main_process=accelerator.is_main_process)
+        batch = loader.config.batch_size
+        self.effective_batch = batch * config.grad_accumulation * accelerator.num_processes
+        optim = config.optim
+        self.lr = peak_lr(optim, self.effective_batch)
+        decay, no_decay = [], []
+        for name, parameter in model.named_parameters():
+            # MAE: no weight decay on biases, norms, embeddings and tokens
+            (no_decay if parameter.ndim <= 1 or name.endswith(("_token", "_embed")) else decay).append(parameter)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=self.lr, betas=tuple(optim.betas))
+        floor = optim.min_lr / self.lr if self.lr > 0 else 0.0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, optim.warmup_steps, config.max_steps, floor))
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of this output directory, if any; returns whether one was loaded."""
+        if not self.config.resume:
+            return False
+        found = self.checkpointer.latest()
+        if found is None:
+            return False
+        loaded = self.checkpointer.load(found)
+        extra = loaded.extra
+        recorded = extra.get("run_metadata", {}).get("fingerprint")
+        current = self.run_metadata.get("fingerprint")
+        if recorded is not None and current is not None and recorded != current:
+            raise ConfigError(f"{self.output_dir} holds a run with another model/objective/data configuration "
+                              f"({recorded} != {current}); use another output_dir or trainer.resume=false")
+        self.accelerator.unwrap_model(self.model).load_state_dict(loaded.model_state)
+        self.optimizer.optimizer.load_state_dict(loaded.optimizer_state)
+        self.scheduler.load_state_dict(loaded.scheduler_state)
+        loader_states = extra["loader"]
+        rank = self.accelerator.process_index
+        if len(loader_states) != self.accelerator.num_processes:
+            raise ConfigError(f"checkpoint {found} was written by {len(loader_states)} processes, this run has "
+                              f"{self.accelerator.num_processes}; exact resume needs the same world size")
+        self.loader.load_state_dict(loader_states[rank])
+        state = extra["trainer"]
+        self.state = TrainState(**{k: v for k, v in state.items() if k in TrainState.__dataclass_fields__})
+        self.state.stopped_by = None
+        if loaded.rng is not None:
+            from hsfm_train.engine.checkpoint import set_rng_state
+
+            set_rng_state(*loaded.rng)
+        return True
+
+    def save(self) -> Path:
+        loader_states = gather_object([self.loader.state_dict()])
+        model_state = self.accelerator.get_state_dict(self.model)
+        extra = {"trainer": {k: v for k, v in vars(self.state).items()}, "loader": loader_states,
+                 "run_metadata": self.run_metadata}
+        path = self.checkpointer.save(self.state.step, model_state=model_state,
+                                      optimizer_state=self.optimizer.optimizer.state_dict(),
+                                      scheduler_state=self.scheduler.state_dict(), extra=extra)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # -------------------------------------------------------------------------------------------------- loop
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        device = self.accelerator.device
+        while True:
+            delivered = 0
+            for batch in self.loader:
+                delivered += 1
+                yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if delivered == 0:
+                raise DataQualityError(f"the training loader delivered no batch in an epoch: {self.loader.stats}")
+
+    def _generator(self, step: int, micro: int) -> torch.Generator:
+        generator = torch.Generator()
+        generator.manual_seed(hash((self.seed, step, micro, self.accelerator.process_index)) & (2**63 - 1))
+        return generator
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when any rank says True."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def fit(self) -> TrainState:
+        config, accelerator, state = self.config, self.accelerator, self.state
+        batches = self._batches()
+        bar = self.logger.progress(total=config.max_steps, initial=state.step, desc="pretrain",
+                                   enabled=config.progress)
+        window = {"time": 0.0, "samples": 0, "tokens": 0, "steps": 0}
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        with PreemptionFlag() as preemption:
+            while state.step < config.max_steps:
+                started = time.perf_counter()
+                self.model.train()
+                losses, parts_sum, samples, tokens = [], {}, 0, 0
+                for micro in range(config.grad_accumulation):
+                    batch = next(batches)
+                    sync = micro == config.grad_accumulation - 1
+                    context = accelerator.no_sync(self.model) if not sync else _null_context()
+                    with context, accelerator.autocast():
+                        loss, parts, tokens_per_sample = self.loss_fn(self.model, batch,
+                                                                      self._generator(state.step, micro))
+                        accelerator.backward(loss / config.grad_accumulation)
+                    losses.append(loss.detach().float())
+                    for name, value in parts.items():
+                        parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / config.grad_accumulation
+                    samples += batch["hsi"].shape[0]
+                    tokens += batch["hsi"].shape[0] * tokens_per_sample
+                clip = config.optim.clip_grad_norm if config.optim.clip_grad_norm > 0 else float("inf")
+                grad_norm = accelerator.clip_grad_norm_(parameters, clip)
+                loss_value = torch.stack(losses).mean()
+                finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_value))
+                if self._agree(not finite):
+                    # skip: the weights and the optimiser moments stay as they were; the schedule moves on so
+                    # a resumed run stays step-aligned
+                    self.optimizer.zero_grad(set_to_none=True)
+                    state.skipped_steps += 1
+                    state.consecutive_skipped += 1
+                    if state.consecutive_skipped > config.max_nonfinite_steps:
+                        raise TrainingDiverged(
+                            f"{state.consecutive_skipped} consecutive steps had a non-finite loss or gradient "
+                            f"(step {state.step}, loss {float(loss_value)}); the last good checkpoint is in "
+                            f"{self.checkpointer.directory}: lower the lr or check the data")
+                else:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    state.consecutive_skipped = 0
+                self.scheduler.step()
+                state.step += 1
+                state.samples += samples * accelerator.num_processes
+                state.last_loss = float(loss_value)
+                window["time"] += time.perf_counter() - started
+                window["samples"] += samples * accelerator.num_processes
+                window["tokens"] += tokens * accelerator.num_processes
+                window["steps"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{state.last_loss:.4f}")
+
+                if state.step % config.log_every == 0 or state.step == config.max_steps:
+                    self._log(loss_value, parts_sum, grad_norm, window)
+                    window = {"time": 0.0, "samples": 0, "tokens": 0, "steps": 0}
+                if self.figure_fn is not None and config.figure_every and state.step % config.figure_every == 0:
+                    if accelerator.is_main_process:
+                        figure = self.figure_fn(accelerator.unwrap_model(self.model), state.step)
+                        if figure is not None:
+                            self.logger.log_image("reconstruction", figure, state.step)
+                    accelerator.wait_for_everyone()
+                stop_signal = self._agree(preemption.received is not None)
+                if state.step % config.checkpoint_every == 0 or state.step == config.max_steps or stop_signal:
+                    self.save()
+                if stop_signal:
+                    state.stopped_by = f"signal {preemption.received or 'on another rank'}"
+                    break
+        bar.close()
+        if state.stopped_by is None:
+            state.stopped_by = "max_steps"
+        return state
+
+    def _log(self, loss: torch.Tensor, parts: dict[str, float], grad_norm: torch.Tensor,
+             window: dict[str, float]) -> None:
+        state, seconds = self.state, max(window["time"], 1e-9)
+        metrics = {"train/loss": float(loss), "train/lr": self.scheduler.get_last_lr()[0],
+                   "train/grad_norm": float(grad_norm), "train/skipped_steps": state.skipped_steps,
+                   "perf/samples_per_s": window["samples"] / seconds, "perf/tokens_per_s": window["tokens"] / seconds,
+                   "perf/step_time_s": seconds / max(1, window["steps"])}
+        metrics.update({f"train/{name}": value for name, value in parts.items()})
+        mfu = self._mfu(window["tokens"] / seconds)
+        if mfu is not None:
+            metrics["perf/mfu"] = mfu
+        for name, value in self.loader.stats.items():
+            metrics[f"data/{name}"] = value
+        state.history.append({"step": state.step, "loss": float(loss)})
+        self.logger.log(metrics, step=state.step)
+
+    def _mfu(self, tokens_per_second: float) -> float | None:
+        """Model FLOPs utilisation: 6 x parameters x tokens per second against the device's bf16 peak (an
+        upper-bound estimate: MAE's encoder sees only the visible quarter of the tokens)."""
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+        peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+        if peak is None:
+            return None
+        parameters = sum(p.numel() for p in self.model.parameters())
+        return 6 * parameters * tokens_per_second / (peak * self.accelerator.num_processes)
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_exc: Any) -> None:
+        return None

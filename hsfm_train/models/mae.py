@@ -1,0 +1,227 @@
+"""The spectral masked autoencoder: wavelength-conditioned tokens -> ViT encoder on the visible ones -> light
+decoder over all tokens -> every band of every pixel, plus the optional KARMA LSMM branch.
+
+Shape of the computation (MAE, He et al. 2022, in one file on purpose):
+    hsi [N, B, H, W], wavelengths [N, B]
+      -> SpectralPatchEmbed -> tokens [N, G, P, D] (+ 2-D sin-cos position, + learned group embedding)
+      -> per-sample random masking (argsort of noise) -> encoder on [cls + visible]
+      -> decoder: mask tokens re-inserted, positions again -> SpectralPatchDecoder -> prediction [N, B, H, W]
+      -> (LSMMHead on the patch-mean decoder features -> abundances; endmembers at the band centres)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hsfm_train.errors import ConfigError
+from hsfm_train.models.heads import LSMMHead
+from hsfm_train.models.tokenizers import SpectralPatchDecoder, SpectralPatchEmbed
+from hsfm_train.models.vit import Block, init_weights, sincos_2d
+
+
+@dataclass
+class LSMMConfig:
+    num_endmembers: int = 0  # 0: no physics branch (plain MAE)
+    resolution: str = "patch"  # "patch" (KARMA) or "pixel"
+    grid_start_nm: float = 350.0
+    grid_stop_nm: float = 2550.0
+    grid_step_nm: float = 10.0
+    init: str = "random"  # "random" (KARMA), "library" (USGS spectra shipped in the package) or "vca" (from data)
+
+    def grid(self) -> torch.Tensor:
+        count = int(round((self.grid_stop_nm - self.grid_start_nm) / self.grid_step_nm)) + 1
+        return torch.linspace(self.grid_start_nm, self.grid_stop_nm, count)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    patch_size: int = 8
+    embed_dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 96
+    decoder_depth: int = 2
+    decoder_num_heads: int = 4
+    spectral_channels: int = 32  # K learned spectral response functions (virtual sensor bands)
+    spectral_basis: int = 32  # K' spectral basis vectors the decoder predicts per pixel
+    group_edges_nm: list[float] = field(default_factory=lambda: [1000.0, 100000.0])  # VNIR | SWIR | microwave
+    mask_ratio: float = 0.75
+    drop_path: float = 0.0
+    lsmm: LSMMConfig = field(default_factory=LSMMConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lsmm, dict):
+            self.lsmm = LSMMConfig(**self.lsmm)
+        problems = []
+        for dim, heads, where in ((self.embed_dim, self.num_heads, "embed_dim/num_heads"),
+                                  (self.decoder_embed_dim, self.decoder_num_heads,
+                                   "decoder_embed_dim/decoder_num_heads")):
+            if dim % heads:
+                problems.append(f"{where}: {dim} is not divisible by {heads}")
+        for dim, where in ((self.embed_dim, "embed_dim"), (self.decoder_embed_dim, "decoder_embed_dim")):
+            if dim % 4:
+                problems.append(f"{where} {dim} must be divisible by 4 (2-D sin-cos positions)")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            problems.append(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if sorted(self.group_edges_nm) != list(self.group_edges_nm):
+            problems.append(f"group_edges_nm must increase, got {self.group_edges_nm}")
+        if self.lsmm.resolution not in ("patch", "pixel"):
+            problems.append(f"lsmm.resolution must be 'patch' or 'pixel', got {self.lsmm.resolution!r}")
+        if self.lsmm.init not in ("random", "library", "vca"):
+            problems.append(f"lsmm.init must be random, library or vca, got {self.lsmm.init!r}")
+        if problems:
+            raise ConfigError(f"model '{self.name}': " + "; ".join(problems))
+
+
+@dataclass
+class MAEOutput:
+    prediction: torch.Tensor  # [N, B, H, W], in the (normalised) units of the input
+    token_mask: torch.Tensor  # [N, G, P] bool, True = masked (to reconstruct)
+    membership: torch.Tensor  # [N, B, G_all] bool: which spectral group each band belongs to
+    present: torch.Tensor  # [G] ids of the groups that have tokens in this batch
+    patch_size: int
+    latent: torch.Tensor  # encoder output [N, 1 + visible, D]
+    decoder_features: torch.Tensor  # [N, G, P, Dd]
+    abundances: torch.Tensor | None = None  # [N, P, M] or [N, P, p*p, M]
+
+    def band_mask(self) -> torch.Tensor:
+        """[N, B, H, W] bool: the band-pixels whose token was masked (what the reconstruction losses score)."""
+        rows, cols = self.grid
+        p = self.patch_size
+        tokens = self.token_mask.view(*self.token_mask.shape[:2], rows, cols).float()
+        pixels = tokens.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)  # [N, G, H, W]
+        member = self.membership[..., self.present].float()  # [N, B, G]
+        return torch.einsum("nbg,nghw->nbhw", member, pixels) > 0.5
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        height, width = self.prediction.shape[-2:]
+        return height // self.patch_size, width // self.patch_size
+
+
+class SpectralMAE(nn.Module):
+    """``with_decoder=False`` builds the encoder only (an encoder-only export loads into it)."""
+
+    def __init__(self, config: ModelConfig, with_decoder: bool = True):
+        super().__init__()
+        self.config = config
+        self.with_decoder = with_decoder
+        c = config
+        self.patch_embed = SpectralPatchEmbed(c.embed_dim, c.patch_size, c.spectral_channels, c.group_edges_nm)
+        groups = self.patch_embed.num_groups
+        self.group_embed = nn.Parameter(torch.zeros(groups, c.embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        rates = torch.linspace(0, c.drop_path, c.depth).tolist()
+        self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, drop_path=r) for r in rates)
+        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        if with_decoder:
+            self._build_decoder(c, groups)
+        else:
+            self.lsmm = None
+        self._initialise()
+
+    def _build_decoder(self, c: ModelConfig, groups: int) -> None:
+        self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
+        self.decoder_group_embed = nn.Parameter(torch.zeros(groups, c.decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList(
+            Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio) for _ in range(c.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=1e-6)
+        self.decoder_head = SpectralPatchDecoder(c.decoder_embed_dim, c.patch_size, c.spectral_basis, groups)
+        self.lsmm = (LSMMHead(c.decoder_embed_dim, c.lsmm.num_endmembers, c.lsmm.grid(), c.patch_size,
+                              c.lsmm.resolution) if c.lsmm.num_endmembers > 0 else None)
+
+    def _initialise(self) -> None:
+        self.apply(init_weights)
+        for name, parameter in self.named_parameters():
+            if name in ("cls_token", "mask_token", "group_embed", "decoder_group_embed"):
+                nn.init.normal_(parameter, std=0.02)
+        for projection in self.patch_embed.projections:  # MAE: patch projection initialised like a linear layer
+            nn.init.xavier_uniform_(projection.weight.view(projection.weight.shape[0], -1))
+
+    # ------------------------------------------------------------------------------------------------ encoder
+
+    def _tokens(self, hsi: torch.Tensor, wavelengths: torch.Tensor, band_mask: torch.Tensor | None):
+        if band_mask is None:
+            band_mask = torch.ones(wavelengths.shape, dtype=torch.bool, device=hsi.device)
+        if wavelengths.dim() == 1:
+            wavelengths = wavelengths.expand(hsi.shape[0], -1)
+        tokens, membership, present = self.patch_embed(hsi, wavelengths, band_mask)
+        rows, cols = hsi.shape[-2] // self.config.patch_size, hsi.shape[-1] // self.config.patch_size
+        position = sincos_2d(self.config.embed_dim, rows, cols, hsi.device)
+        tokens = tokens + position + self.group_embed[present][:, None, :]
+        return tokens, membership, present, wavelengths
+
+    def encode(self, hsi: torch.Tensor, wavelengths: torch.Tensor, band_mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """All tokens, no masking: [N, 1 + G*P, D] (cls first) for downstream heads."""
+        tokens, *_ = self._tokens(hsi, wavelengths, band_mask)
+        return self._encoder(tokens.flatten(1, 2))
+
+    def _encoder(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    # ---------------------------------------------------------------------------------------------- masking
+
+    @staticmethod
+    def random_masking(count: int, groups: int, patches: int, ratio: float, generator: torch.Generator | None,
+                       device: torch.device, spatial: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample random masking by argsort of uniform noise over the G*P tokens: (kept ids, mask [N, G*P]
+        True = masked, restore order). Groups are masked independently (training); ``spatial`` masks whole
+        patches across all groups (evaluation: a masked pixel has no band left visible)."""
+        tokens = groups * patches
+        source = generator.device if generator is not None else device
+        if spatial:
+            keep = groups * min(patches, max(1, int(patches * (1 - ratio))))
+            noise = torch.rand(count, 1, patches, generator=generator, device=source).expand(-1, groups, -1)
+            noise = noise.flatten(1)
+        else:
+            keep = min(tokens, max(1, int(tokens * (1 - ratio))))
+            noise = torch.rand(count, tokens, generator=generator, device=source)
+        shuffle = noise.to(device).argsort(dim=1, stable=True)
+        restore = shuffle.argsort(dim=1)
+        mask = torch.ones(count, tokens, dtype=torch.bool, device=device)
+        mask[:, :keep] = False
+        return shuffle[:, :keep], mask.gather(1, restore), restore
+
+    # ---------------------------------------------------------------------------------------------- forward
+
+    def forward(self, hsi: torch.Tensor, wavelengths: torch.Tensor, band_mask: torch.Tensor | None = None,
+                mask_ratio: float | None = None, generator: torch.Generator | None = None,
+                spatial_masking: bool = False) -> MAEOutput:
+        if not self.with_decoder:
+            raise RuntimeError("this backbone was loaded encoder-only: use encode(), or export with the decoder")
+        ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        tokens, membership, present, wavelengths = self._tokens(hsi, wavelengths, band_mask)
+        n, groups, patches, dim = tokens.shape
+        flat = tokens.flatten(1, 2)
+        kept, mask, restore = self.random_masking(n, groups, patches, ratio, generator, hsi.device, spatial_masking)
+        visible = flat.gather(1, kept.unsqueeze(-1).expand(-1, -1, dim))
+        latent = self._encoder(visible)
+
+        y = self.decoder_embed(latent)
+        masked_count = groups * patches - kept.shape[1]
+        y_tokens = torch.cat([y[:, 1:], self.mask_token.expand(n, masked_count, -1)], dim=1)
+        y_tokens = y_tokens.gather(1, restore.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+        rows, cols = hsi.shape[-2] // self.config.patch_size, hsi.shape[-1] // self.config.patch_size
+        y_tokens = y_tokens.view(n, groups, patches, -1)
+        y_tokens = (y_tokens + sincos_2d(y.shape[-1], rows, cols, hsi.device)
+                    + self.decoder_group_embed[present][:, None, :])
+        x = torch.cat([y[:, :1], y_tokens.flatten(1, 2)], dim=1)
+        for block in self.decoder_blocks:
+            x = block(x)
+        features = self.decoder_norm(x)[:, 1:].view(n, groups, patches, -1)
+
+        prediction = self.decoder_head(features, wavelengths, membership, present, (rows, cols))
+        abundances = self.lsmm.abundances(features.mean(dim=1)) if self.lsmm is not None else None
+        return MAEOutput(prediction=prediction, token_mask=mask.view(n, groups, patches), membership=membership,
+                         present=present, patch_size=self.config.patch_size, latent=latent,
+                         decoder_features=features, abundances=abundances)
