@@ -3,6 +3,7 @@ an unknown key or a value of the wrong type fails at start-up with one message n
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -43,11 +44,16 @@ def compose(config_name: str, overrides: list[str], schema: type[T]) -> T:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             values = hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaError) as error:
-        message = str(error).strip().splitlines()[0]
-        key = next((o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o
-                    and f"'{o.split('=', 1)[0].lstrip('+~').split('.')[-1]}'" in str(error)), None)
-        hint = _closest_key(schema, key) if key else ""
-        raise ConfigError(f"{config_name} config: {message}{hint}") from None
+        text = f"{error}\n{error.__cause__ or ''}"
+        unknown = re.search(r"Could not override '([^']+)'", text)
+        if unknown and "not in struct" in text:
+            key = unknown.group(1)
+            raise ConfigError(f"{config_name} config: unknown key '{key}'{_closest_key(schema, key)}") from None
+        options = re.search(r"Available options in '[^']+':\s*(.*?)(?:\n\S|$)", text, re.S)
+        message = text.strip().splitlines()[0]
+        if options:
+            message += f" (available: {', '.join(options.group(1).split())})"
+        raise ConfigError(f"{config_name} config: {message}") from None
     return to_dataclass(schema, values, f"{config_name} config")
 
 

@@ -185,7 +185,7 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"name": config.name, "objective": config.objective.name, "model": config.model.name,
                                "steps": state.step, "samples": state.samples, "stopped_by": state.stopped_by,
-                               "resumed_at_step": trainer.state.step if resumed_from is not None else None,
+                               "resumed_at_step": resumed_from,
                                "final_loss": state.last_loss, "skipped_steps": state.skipped_steps,
                                "output_dir": str(output)}
     if state.stopped_by != "max_steps":  # preempted: the checkpoint is written; evaluation waits for the end
