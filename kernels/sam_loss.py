@@ -5,7 +5,7 @@
 Two places where public implementations produce NaN are handled:
 * identical (or anti-parallel) rows: d arccos(c)/dc = -1/sqrt(1 - c^2) is infinite at |c| = 1, so c is clamped to
   +-(1 - 1e-7); the clamp's gradient is zero outside the range, so the gradient is finite (zero) there;
-* zero-norm rows (a zero prediction, nodata pixels): the angle is undefined, so rows with |p| |t| <= eps^2 get
+* zero-norm rows (a zero prediction, nodata pixels): the angle is undefined, so rows with |p| |t| <= eps get
   angle 0 and zero gradient and are left out of the mean.
 Everything accumulates in fp32 whatever the input dtype. The fused Triton kernel (kernels issue) must match this.
 """

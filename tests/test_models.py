@@ -233,12 +233,22 @@ def test_virtual_channels_do_not_depend_on_band_density():
 
 
 def test_a_band_beside_a_gap_does_not_dominate():
-    """Water-band gaps: a band whose neighbour is far away is capped at twice the median width."""
+    """Water-band gaps: a band whose neighbour is far away counts that side as at most twice the near side."""
     wavelengths = torch.cat([torch.arange(1000.0, 1300.0, 10.0), torch.arange(1600.0, 1900.0, 10.0)])[None]
     weights, _ = _weights(wavelengths + 1.0)  # all SWIR
-    median = weights[0].median()
-    assert weights.max() <= 2 * median + 1e-7
+    interior = weights[0, 10]
+    assert weights.max().item() == pytest.approx(1.5 * interior.item(), rel=1e-5)  # (10 + 2 x 10) / 2 nm
     assert weights[0].sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_change_of_sampling_density_stays_local():
+    """2.5 nm bands up to 600 nm, 10 nm beyond: the average of a smooth spectrum matches the continuous one."""
+    grid = torch.cat([torch.arange(400.0, 600.0, 2.5), torch.arange(600.0, 900.5, 10.0)])
+    weights, _ = _weights(grid[None])
+    spectrum = 0.3 + 0.2 * torch.sin(grid / 90.0)
+    dense = torch.linspace(400.0, 900.0, 20001, dtype=torch.float64)
+    continuous = float(torch.trapezoid(0.3 + 0.2 * torch.sin(dense / 90.0), dense) / 500.0)
+    assert float((weights[0] * spectrum).sum()) == pytest.approx(continuous, rel=0.01)
 
 
 # ----------------------------------------------------------------------------------------- wavelengths

@@ -230,7 +230,7 @@ def test_norm_pix_target_is_standardised_per_token(model):
         elements = target[n, bands, rows, cols]
         assert elements.mean().item() == pytest.approx(0.0, abs=1e-5)
         assert elements.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
-    # a prediction equal to the standardised target scores 0 (unpadded batch: see the xfail below)
+    # a prediction equal to the standardised target scores 0 (unpadded batch; padded: the next test)
     real = {key: value[:, :REAL] for key, value in batch.items()}
     out = _forward(model, real)
     target = normalised_target(real["hsi"], out, real["band_mask"])
@@ -239,8 +239,6 @@ def test_norm_pix_target_is_standardised_per_token(model):
     assert masked_mse(out, real["hsi"], real["band_mask"]).item() > 1.0  # norm_pix changes the target
 
 
-@pytest.mark.xfail(strict=True, reason="normalised_target divides by token_expand(std), which is 0 on padded bands "
-                   "(band_mask False): 0/0 = NaN there, and token_mean's einsum turns 0 * NaN into a NaN loss")
 def test_norm_pix_loss_is_finite_and_unchanged_by_padded_bands(model):
     batch = _batch()
     out = _forward(model, batch)
@@ -273,8 +271,6 @@ def test_huber_is_half_mse_for_small_errors_and_linear_for_large(model):
     assert values[2] - values[1] == pytest.approx(1.5 * 4.0, rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="masked_token_loss counts tokens of groups a padded sample has no bands in "
-                   "(empty tokens, loss 0) in the denominator, so a mixed padded batch dilutes the loss")
 def test_masked_mse_ignores_tokens_of_groups_a_sample_lacks(model):
     """batching: pad mixes band sets. Sample 0 has VNIR bands only; the batch's SWIR tokens of sample 0 have no
     elements and must not count as masked tokens with zero error."""

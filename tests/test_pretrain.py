@@ -172,9 +172,9 @@ def test_export_round_trip_and_encoder_only(demo_dir, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["trainer.max_step=3"], r"max_step.*did you mean 'trainer.max_steps'"),
     (["objective=karmaa"], r"karmaa"),
-    (["trainer.global_batch=100"], r"global_batch 100 is not divisible by batch_size 4"),
+    (["trainer.global_batch=102"], r"global_batch 102 is not divisible by batch_size 4"),
     (["objective.physics=1.0"], r"physics term but the model has no LSMM head"),
-    (["model.embed_dim=30"], r"embed_dim.*not divisible"),
+    (["model.embed_dim=30"], r"embed_dim 30 must be divisible by 4"),
     (["trainer.precision=bf16"], r"bf16 needs a GPU"),
 ])
 def test_startup_errors_name_the_problem(demo_dir, tmp_path, overrides, message):

@@ -84,14 +84,17 @@ def quadrature_weights(wavelengths_nm: torch.Tensor, membership: torch.Tensor) -
         prev = torch.cat([lam_sorted[:, :1], lam_sorted[:, :-1]], dim=1)
         nxt = torch.cat([lam_sorted[:, 1:], lam_sorted[:, -1:]], dim=1)
         nxt = torch.where(torch.isfinite(nxt), nxt, lam_sorted)  # the last real band has no right neighbour
-        width = torch.where(finite, (nxt - prev) / 2, torch.zeros_like(lam_sorted))
+        left, right = lam_sorted - prev, nxt - lam_sorted  # 0 on the open side of the end bands
+        # trapezoid widths, but a side may count at most twice the other: a band beside a gap (removed water
+        # bands) does not take the gap's weight, and a change of sampling density stays a local effect
+        both = (left > 0) & (right > 0)
+        width = torch.where(both, (torch.minimum(left, 2 * right) + torch.minimum(right, 2 * left)) / 2,
+                            (left + right) / 2)
+        width = torch.where(finite, width, torch.zeros_like(width))
         counts = finite.sum(dim=1, keepdim=True)
         # one-band groups (SAR) and coincident wavelengths: fall back to equal weights
         degenerate = (width.sum(dim=1, keepdim=True) <= 0) | (counts == 1)
         width = torch.where(degenerate & finite, torch.ones_like(width), width)
-        # a band may not dominate because its neighbours are far (gaps left by removed water bands)
-        median = width.masked_fill(~finite, float("nan")).nanmedian(dim=1, keepdim=True).values
-        width = torch.minimum(width, 2 * median.nan_to_num(1.0))
         width = width / width.sum(dim=1, keepdim=True).clamp_min(1e-12)
         weights = weights + torch.zeros_like(width).scatter(1, order, width) * member
     return weights

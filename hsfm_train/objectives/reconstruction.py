@@ -46,13 +46,17 @@ def normalised_target(target: torch.Tensor, out: MAEOutput, band_mask: torch.Ten
     """MAE's norm_pix_loss target: each token standardised by its own mean and variance."""
     mean = token_mean(target, out, band_mask)
     variance = (token_mean(target * target, out, band_mask) - mean * mean).clamp_min(0.0)
-    return (target - token_expand(mean, out, band_mask)) / token_expand((variance + 1e-6).sqrt(), out, band_mask)
+    scale = token_expand((variance + 1e-6).sqrt(), out, band_mask)
+    # padded bands belong to no token: their scale is 0, and they must read 0, not 0/0
+    return torch.where(scale > 0, (target - token_expand(mean, out, band_mask)) / scale.clamp_min(1e-12), 0.0)
 
 
 def masked_token_loss(elements: torch.Tensor, out: MAEOutput, band_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked tokens of each token's mean element loss."""
+    """Mean over masked tokens of each token's mean element loss; tokens of a group in which a sample has no
+    band (padded batches that mix band sets) are not counted."""
     per_token = token_mean(elements, out, band_mask)
-    mask = out.token_mask.float()
+    has_bands = torch.stack([_member(out, s, band_mask).sum(dim=1) > 0 for s in range(out.present.numel())], dim=1)
+    mask = (out.token_mask & has_bands.unsqueeze(-1)).float()
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
