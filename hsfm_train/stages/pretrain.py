@@ -106,8 +106,9 @@ def initialise_endmembers(model: SpectralMAE, loader: StreamingLoader, config: P
         return
     if lsmm.init == "library":
         spectra, wavelengths = library_endmembers(lsmm.num_endmembers, lsmm.grid_start_nm, lsmm.grid_stop_nm)
-    else:  # vca on the pixels of the first batch, in reflectance
-        batch = next(iter(loader))
+    else:  # vca on the pixels of the first batch, in reflectance (a loader of its own: the training loader's
+        # position is part of the run's state)
+        batch = next(iter(StreamingLoader(loader.config, loader.rank, loader.world_size)))
         pixels = reflectance(batch["hsi"], batch).permute(0, 2, 3, 1).reshape(-1, batch["hsi"].shape[1])
         spectra = vca(pixels.numpy(), lsmm.num_endmembers, seed=config.seed)
         wavelengths = batch["wavelengths"][0].numpy()
