@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object
@@ -248,9 +249,9 @@ class Trainer:
                 raise DataQualityError(f"the training loader delivered no batch in an epoch: {self.loader.stats}")
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
-        generator = torch.Generator()
-        generator.manual_seed(hash((self.seed, step, micro, self.accelerator.process_index)) & (2**63 - 1))
-        return generator
+        """The masking noise of (step, micro-batch, rank): a function of the step, not of the RNG's history."""
+        entropy = np.random.SeedSequence([self.seed, step, micro, self.accelerator.process_index])
+        return torch.Generator().manual_seed(int(entropy.generate_state(1, np.uint64)[0] >> np.uint64(1)))
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank when any rank says True."""
@@ -275,9 +276,10 @@ class Trainer:
                     batch = next(batches)
                     sync = micro == config.grad_accumulation - 1
                     context = accelerator.no_sync(self.model) if not sync else _null_context()
-                    with context, accelerator.autocast():
-                        loss, parts, tokens_per_sample = self.loss_fn(self.model, batch,
-                                                                      self._generator(state.step, micro))
+                    with context:
+                        with accelerator.autocast():  # the forward only: backward runs outside autocast
+                            loss, parts, tokens_per_sample = self.loss_fn(self.model, batch,
+                                                                          self._generator(state.step, micro))
                         accelerator.backward(loss / config.grad_accumulation)
                     losses.append(loss.detach().float())
                     for name, value in parts.items():

@@ -135,19 +135,21 @@ def _figure_fn(batch: dict[str, Any], config: PretrainConfig, directory: Path):
             out = masked_forward(model, on_device, config.eval.mask_ratio, config.eval.seed)
         model.train(was_training)
         image = reflectance(on_device["hsi"], on_device)[0].cpu()
-        reconstruction = reflectance(out.prediction, on_device)[0].cpu()
-        return reconstruction_figure(directory / f"reconstruction_step{step:07d}.png", image,
-                                     out.band_mask()[0].any(dim=0).cpu(), reconstruction,
+        masked = out.band_mask()[0].any(dim=0).cpu()
+        # MAE's convention: visible patches pasted from the input (the loss never scores them)
+        reconstruction = torch.where(masked, reflectance(out.prediction, on_device)[0].cpu(), image)
+        return reconstruction_figure(directory / f"reconstruction_step{step:07d}.png", image, masked, reconstruction,
                                      on_device["wavelengths"][0].cpu(), title=f"{batch['scene'][0]} step {step}")
     return make
 
 
 def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
     output = Path(config.output_dir)
-    if config.data.source == "demo":
-        build_demo_shards(config.data.demo_dir, config.data.demo)
-    seed_everything(config.seed)
     accelerator = make_accelerator(config.trainer)
+    if config.data.source == "demo":
+        with accelerator.main_process_first():  # one rank builds (or reuses) the demo shards, the others read
+            build_demo_shards(config.data.demo_dir, config.data.demo)
+    seed_everything(config.seed)
     train_config = config.data.train
     config.trainer.grad_accumulation = resolve_accumulation(config.trainer, train_config.batch_size,
                                                             accelerator.num_processes)
