@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object
 
-from hsfm_train.engine.checkpoint import Checkpointer
+from hsfm_train.engine.checkpoint import Checkpointer, set_rng_state
 from hsfm_train.engine.logging import RunLogger
 from hsfm_train.errors import ConfigError, DataQualityError, HsfmError
 
@@ -130,7 +131,6 @@ class TrainState:
     consecutive_skipped: int = 0
     stopped_by: str | None = None  # "max_steps", "signal SIGTERM" ...
     last_loss: float = float("nan")
-    history: list[dict[str, float]] = field(default_factory=list)  # the logged (step, loss) points
 
 
 class PreemptionFlag:
@@ -220,15 +220,13 @@ class Trainer:
         self.state = TrainState(**{k: v for k, v in state.items() if k in TrainState.__dataclass_fields__})
         self.state.stopped_by = None
         if loaded.rng is not None:
-            from hsfm_train.engine.checkpoint import set_rng_state
-
             set_rng_state(*loaded.rng)
         return True
 
     def save(self) -> Path:
         loader_states = gather_object([self.loader.state_dict()])
         model_state = self.accelerator.get_state_dict(self.model)
-        extra = {"trainer": {k: v for k, v in vars(self.state).items()}, "loader": loader_states,
+        extra = {"trainer": dict(vars(self.state)), "loader": loader_states,
                  "run_metadata": self.run_metadata}
         path = self.checkpointer.save(self.state.step, model_state=model_state,
                                       optimizer_state=self.optimizer.optimizer.state_dict(),
@@ -275,7 +273,7 @@ class Trainer:
                 for micro in range(config.grad_accumulation):
                     batch = next(batches)
                     sync = micro == config.grad_accumulation - 1
-                    context = accelerator.no_sync(self.model) if not sync else _null_context()
+                    context = accelerator.no_sync(self.model) if not sync else nullcontext()
                     with context:
                         with accelerator.autocast():  # the forward only: backward runs outside autocast
                             loss, parts, tokens_per_sample = self.loss_fn(self.model, batch,
@@ -349,7 +347,6 @@ class Trainer:
             metrics["perf/mfu"] = mfu
         for name, value in self.loader.stats.items():
             metrics[f"data/{name}"] = value
-        state.history.append({"step": state.step, "loss": float(loss)})
         self.logger.log(metrics, step=state.step)
 
     def _mfu(self, tokens_per_second: float) -> float | None:
@@ -363,11 +360,3 @@ class Trainer:
             return None
         parameters = sum(p.numel() for p in self.model.parameters())
         return 6 * parameters * tokens_per_second / (peak * self.accelerator.num_processes)
-
-
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_exc: Any) -> None:
-        return None

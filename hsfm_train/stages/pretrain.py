@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from hsfm_train.config import compose
+from hsfm_train.config import compose, to_dataclass
 from hsfm_train.data.demo import DemoDataConfig, build_demo_shards
 from hsfm_train.data.pipeline import LoaderConfig, StreamingLoader
 from hsfm_train.data.shards import load_index, write_json_atomic
+from hsfm_train.engine.checkpoint import Checkpointer
 from hsfm_train.engine.export import export_model
 from hsfm_train.engine.logging import RunLogger, reconstruction_figure
 from hsfm_train.engine.trainer import Trainer, TrainerConfig, make_accelerator, resolve_accumulation
@@ -218,9 +219,6 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
 
 def model_from_checkpoint(source: str | Path) -> tuple[SpectralMAE, dict[str, Any]]:
     """The model of a run directory's latest checkpoint (or of one checkpoint directory), with its metadata."""
-    from hsfm_train.config import to_dataclass
-    from hsfm_train.engine.checkpoint import Checkpointer
-
     source = Path(source)
     if (source / "checkpoints").is_dir():
         source = source / "checkpoints"
