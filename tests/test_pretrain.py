@@ -96,8 +96,8 @@ def test_sigkill_during_checkpoint_write_resumes_to_identical_weights(demo_dir, 
         assert resumed_losses[step] == straight_losses[step]
 
 
-# Deliver SIGTERM (Slurm's preemption signal) to ourselves during the 4th optimiser step.
-SIGTERM_AT_STEP_4 = textwrap.dedent("""
+# Deliver SIGNAL (Slurm's preemption signals) to ourselves during the 4th optimiser step.
+SIGNAL_AT_STEP_4 = textwrap.dedent("""
     import os, signal
     from hsfm_train.objectives import pretrain
     _call = pretrain.PretrainObjective.__call__
@@ -105,18 +105,19 @@ SIGTERM_AT_STEP_4 = textwrap.dedent("""
     def call(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGNAL)
         return _call(self, *args, **kwargs)
     pretrain.PretrainObjective.__call__ = call
 """)
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resume_finishes(demo_dir, tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_saves_and_exits_cleanly_then_resume_finishes(demo_dir, tmp_path, signal_name):
     output = tmp_path / "run"
     command = ["pretrain", *_overrides(demo_dir, output, "trainer.max_steps=6", "trainer.checkpoint_every=100")]
-    stopped = _run(command, tmp_path, prelude=SIGTERM_AT_STEP_4)
+    stopped = _run(command, tmp_path, prelude=SIGNAL_AT_STEP_4.replace("SIGNAL", signal_name))
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert "stopped by signal SIGTERM" in stopped.stdout
+    assert f"stopped by signal {signal_name}" in stopped.stdout
     assert (output / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert not (output / "export").exists()  # no export of an unfinished run
     finished = _run(command, tmp_path)
