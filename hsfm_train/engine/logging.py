@@ -170,7 +170,7 @@ class RunLogger:
 
     def __init__(self, run_dir: str | os.PathLike, config: dict, project: str = "hsfm-train",
                  run_name: str | None = None, enabled: bool = True, is_main_process: bool = True,
-                 mode: str | None = None) -> None:
+                 mode: str | None = None, run_id: str | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.is_main_process = is_main_process
         self._summary: dict[str, Any] = {}
@@ -189,14 +189,16 @@ class RunLogger:
             self.mode = mode or os.environ.get("WANDB_MODE") or (
                 "online" if _wandb_key_configured() else "offline")
         if self.mode != "disabled":
-            self._start_wandb(project, run_name, config)
+            self._start_wandb(project, run_name, config, run_id)
 
-    def _start_wandb(self, project: str, run_name: str | None, config: dict) -> None:
+    def _start_wandb(self, project: str, run_name: str | None, config: dict, run_id: str | None) -> None:
         try:
             import wandb  # imported lazily: slow, and not needed when W&B is off
 
+            # a stable id makes a restarted (resumed) job continue the same W&B run instead of starting another
+            resume = {"id": run_id, "resume": "allow"} if run_id else {}
             self._run = wandb.init(project=project, name=run_name, config=config, dir=str(self.run_dir),
-                                   mode=self.mode)
+                                   mode=self.mode, **resume)
             self._wandb = wandb
         except Exception as error:  # noqa: BLE001 - logging must never stop training
             self._wandb_failed("init", error)

@@ -169,7 +169,8 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
 
     logger = RunLogger(output, {"config": asdict(config)}, project=config.trainer.wandb_project,
                        run_name=f"{config.name}-{config.objective.name}", enabled=config.trainer.wandb,
-                       is_main_process=accelerator.is_main_process)
+                       is_main_process=accelerator.is_main_process,
+                       run_id=hashlib.sha1(f"{output.resolve()}:{fingerprint(config)}".encode()).hexdigest()[:16])
     baseline_path = output / "baseline.json"
     baseline = json.loads(baseline_path.read_text()) if baseline_path.exists() else None
     if baseline is None and evaluation is not None and accelerator.is_main_process:
