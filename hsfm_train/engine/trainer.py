@@ -55,6 +55,7 @@ class TrainerConfig:
     grad_accumulation: int = 1
     global_batch: int | None = None  # if set: grad_accumulation = global_batch / (batch size x processes)
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
+    kernels: str | None = None  # None: $HSFM_KERNELS or auto (Triton on GPU); "reference" forces PyTorch
     log_every: int = 10
     checkpoint_every: int = 100
     keep_last: int = 3
@@ -74,6 +75,8 @@ class TrainerConfig:
             problems.append(f"max_steps must be >= 1, got {self.max_steps}")
         if self.grad_accumulation < 1:
             problems.append(f"grad_accumulation must be >= 1, got {self.grad_accumulation}")
+        if self.kernels not in (None, "auto", "reference", "triton"):
+            problems.append(f"kernels must be auto, reference or triton, got {self.kernels!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.checkpoint_every < 1 or self.log_every < 1:

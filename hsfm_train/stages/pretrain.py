@@ -28,6 +28,7 @@ from hsfm_train.engine.export import export_model
 from hsfm_train.engine.logging import RunLogger, reconstruction_figure
 from hsfm_train.engine.trainer import Trainer, TrainerConfig, make_accelerator, resolve_accumulation
 from hsfm_train.errors import ConfigError, DataFormatError
+from hsfm_train.kernels import set_backend as set_kernel_backend
 from hsfm_train.models.endmembers import library_endmembers, vca
 from hsfm_train.models.mae import ModelConfig, SpectralMAE
 from hsfm_train.objectives.pretrain import ObjectiveConfig, PretrainObjective
@@ -147,6 +148,8 @@ def _figure_fn(batch: dict[str, Any], config: PretrainConfig, directory: Path):
 def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
     output = Path(config.output_dir)
     accelerator = make_accelerator(config.trainer)
+    if config.trainer.kernels is not None:
+        set_kernel_backend(config.trainer.kernels)
     if config.data.source == "demo":
         with accelerator.main_process_first():  # one rank builds (or reuses) the demo shards, the others read
             build_demo_shards(config.data.demo_dir, config.data.demo)
