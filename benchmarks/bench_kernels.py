@@ -43,14 +43,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def timer(cuda: bool, repeats: int) -> Callable[[Callable[[], Any]], float]:
-    """Median milliseconds of fn(): do_bench on CUDA, perf_counter on CPU (after one warm-up call)."""
+    """Median milliseconds of fn(): do_bench on CUDA, perf_counter on CPU (after three warm-up calls)."""
     if cuda:
         from triton.testing import do_bench
 
         return lambda fn: float(do_bench(fn, warmup=25, rep=100))
 
     def measure(fn: Callable[[], Any]) -> float:
-        fn()
+        for _ in range(3):  # thread pools and allocator caches warm up over the first calls
+            fn()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -119,7 +120,8 @@ def bench_sam(device: torch.device, args: argparse.Namespace, measure, results: 
                     prediction.grad = None
 
                 try:
-                    fwd, total = measure(forward), measure(full)
+                    # backward = full - forward; both medians, so on a noisy CPU it can come out slightly off
+                    total, fwd = measure(full), measure(forward)
                 except Exception as error:  # noqa: BLE001
                     print(f"{rows:>7d} x {bands:<5d} {str(dtype)[6:]:>9s} {name:>14s}  failed: {error}")
                     continue

@@ -7,7 +7,8 @@ Two places where public implementations produce NaN are handled:
   +-(1 - 1e-7); the clamp's gradient is zero outside the range, so the gradient is finite (zero) there;
 * zero-norm rows (a zero prediction, nodata pixels): the angle is undefined, so rows with |p| |t| <= eps get
   angle 0 and zero gradient and are left out of the mean.
-Everything accumulates in fp32 whatever the input dtype. The fused Triton kernel (kernels issue) must match this.
+Everything accumulates in fp32 whatever the input dtype. The fused Triton kernel (sam_triton.py) matches this;
+it differentiates the prediction only, where this reference differentiates both arguments.
 """
 from __future__ import annotations
 
