@@ -55,6 +55,15 @@ def _arccos(x):
 
 
 @triton.jit
+def _load_chunk(p_rows, t_rows, c, row_ok, B):
+    """One [BLOCK_N, BLOCK_B] chunk of prediction and target, as fp32, and its mask."""
+    mask = row_ok[:, None] & (c[None, :] < B)
+    p = tl.load(p_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    return p, t, mask
+
+
+@triton.jit
 def _spectral_angle_fwd_kernel(
     p_ptr, t_ptr, w_ptr, grad_ptr, weighted_ptr, row_weight_ptr,
     N, B, stride_p, stride_t, stride_g,
@@ -76,18 +85,13 @@ def _spectral_angle_fwd_kernel(
     tt = tl.zeros([BLOCK_N], dtype=tl.float32)
     if SINGLE_CHUNK:
         # the whole row fits one tile: keep it in registers for the gradient below
-        mask = row_ok[:, None] & (cols[None, :] < B)
-        p = tl.load(p_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        p, t, mask = _load_chunk(p_rows, t_rows, cols, row_ok, B)
         dot = tl.sum(p * t, axis=1)
         pp = tl.sum(p * p, axis=1)
         tt = tl.sum(t * t, axis=1)
     else:
         for start in range(0, B, BLOCK_B):
-            c = start + cols
-            mask = row_ok[:, None] & (c[None, :] < B)
-            p = tl.load(p_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            t = tl.load(t_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            p, t, mask = _load_chunk(p_rows, t_rows, start + cols, row_ok, B)
             dot += tl.sum(p * t, axis=1)
             pp += tl.sum(p * p, axis=1)
             tt += tl.sum(t * t, axis=1)
@@ -125,9 +129,7 @@ def _spectral_angle_fwd_kernel(
             # pass 2 (long rows only): re-read the chunks (mostly from L2) and write the gradient
             for start in range(0, B, BLOCK_B):
                 c = start + cols
-                mask = row_ok[:, None] & (c[None, :] < B)
-                p = tl.load(p_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                t = tl.load(t_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                p, t, mask = _load_chunk(p_rows, t_rows, c, row_ok, B)
                 g = t_coef[:, None] * t + p_coef[:, None] * p
                 tl.store(g_rows + c[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
 

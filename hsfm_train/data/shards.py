@@ -311,7 +311,7 @@ class ShardWriter:
         self._archive.close()
         self._file.close_synced()
         os.replace(self._file.name, final)
-        _fsync_directory(self.output_dir)
+        fsync_path(self.output_dir)
         self.records.append(
             {
                 "file": final.name,
@@ -339,7 +339,8 @@ class _HashingFile(io.FileIO):
         self.close()
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory fsync makes the renames inside it durable)."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -355,7 +356,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
-    _fsync_directory(path.parent)
+    fsync_path(path.parent)
 
 
 class BandStatistics:

@@ -35,7 +35,7 @@ import numpy as np
 import safetensors.torch  # called as safetensors.torch.save_file so tests can patch it
 import torch
 
-from hsfm_train.data.shards import write_json_atomic
+from hsfm_train.data.shards import fsync_path, write_json_atomic
 from hsfm_train.errors import ConfigError, DataFormatError
 
 FORMAT_VERSION = 1
@@ -189,12 +189,12 @@ class Checkpointer:
         try:
             for name, tensors in tensor_files.items():
                 safetensors.torch.save_file(tensors, str(partial / name))
-                _fsync(partial / name)
+                fsync_path(partial / name)
             for name, payload in json_files.items():
                 write_json_atomic(partial / name, payload)  # temp + fsync + rename
             files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
             write_json_atomic(partial / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": files})
-            _fsync(partial)
+            fsync_path(partial)
             self._install(partial, final)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
@@ -291,7 +291,7 @@ class Checkpointer:
             shutil.rmtree(replaced, ignore_errors=True)
             os.replace(final, replaced)
         os.replace(partial, final)
-        _fsync(self.directory)
+        fsync_path(self.directory)
         if replaced is not None:
             _remove(replaced)
 
@@ -302,7 +302,7 @@ class Checkpointer:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, self.directory / LATEST)
-        _fsync(self.directory)
+        fsync_path(self.directory)
 
     def _cleanup(self, keep: Path) -> None:
         for entry in self.directory.iterdir():
@@ -381,10 +381,3 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    """fsync a file or directory (a directory fsync makes the renames inside it durable)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

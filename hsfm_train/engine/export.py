@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hsfm_train.config import to_dataclass
-from hsfm_train.data.shards import write_json_atomic
+from hsfm_train.data.shards import fsync_path, write_json_atomic
 from hsfm_train.errors import DataFormatError
 from hsfm_train.models.mae import ModelConfig, SpectralMAE
 
@@ -60,8 +60,7 @@ def export_model(model: SpectralMAE, output_dir: str | Path, *, encoder_only: bo
     staging.mkdir(parents=True, exist_ok=True)
     save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
     write_json_atomic(staging / CONFIG_FILE, config)
-    with open(staging / WEIGHTS_FILE, "rb") as handle:  # config.json is fsynced by write_json_atomic
-        os.fsync(handle.fileno())
+    fsync_path(staging / WEIGHTS_FILE)  # config.json is fsynced by write_json_atomic
     if output.exists():
         retired = output.with_name(f".{output.name}.old-{os.getpid()}")
         output.rename(retired)
