@@ -218,24 +218,30 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from hsfm_train.data.shards import load_index, summarise_tar, verify_shards
+    from hsfm_train.data.shards import check_shard_files, load_index, summarise_tar, verify_shards
 
     if args.path.is_file() and args.path.suffix == ".tar":
         summary = summarise_tar(args.path)
         print(json.dumps(summary, indent=1) if args.json else _format_tar_summary(summary))
         return 1 if summary["problems"] else 0
-    index = load_index(args.path)
+    index = load_index(args.path)  # refuses entries naming anything but a file in this folder
     report = verify_shards(index) if args.verify else None
+    # Without --verify, still catch missing or truncated shards: a stat per shard against the index's sizes.
+    files = None if args.verify else {"shards": len(index["shards"]), "problems": check_shard_files(index)}
     if args.json:
-        print(json.dumps({"index": {k: v for k, v in index.items() if k != "shards"}, "verify": report}, indent=1))
+        print(json.dumps({"index": {k: v for k, v in index.items() if k != "shards"}, "verify": report,
+                          "files": files}, indent=1))
     else:
         print(_format_summary(index))
         if report is not None:
             print(f"verify: {report['samples']} samples in {report['shards']} shards read back; "
                   f"{len(report['problems'])} problem(s)")
-            for problem in report["problems"][:20]:
-                print(f"  - {problem}")
-    return 1 if report and report["problems"] else 0
+        else:
+            print(f"files: {files['shards']} shards checked for presence and size (--verify reads them); "
+                  f"{len(files['problems'])} problem(s)")
+        for problem in (report or files)["problems"][:20]:
+            print(f"  - {problem}")
+    return 1 if (report or files)["problems"] else 0
 
 
 def _format_summary(index: dict[str, Any]) -> str:

@@ -124,6 +124,45 @@ def test_resume_continues_from_the_recorded_position(mixed_shards, resampled):
     assert resumed_loader.epoch == 1 and resumed_loader.state_dict()["delivered_per_worker"] == [0, 0]
 
 
+def endless(loader: StreamingLoader):
+    """Batches across epochs, as the trainer draws them."""
+    while True:
+        yield from loader
+
+
+def take(batches, count: int) -> list[dict]:
+    return [next(batches) for _ in range(count)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("position", [1, 2, 4], ids=["first", "middle", "last"])
+def test_resume_at_any_position_of_an_epoch_continues_the_same_stream(mixed_shards, workers, position):
+    # 4 batches per epoch; a checkpoint after the epoch's last batch used to record an exhausted epoch, so the
+    # resumed loader delivered nothing
+    settings = dict(num_workers=workers, batches_per_epoch=4, augment=AugmentConfig(enabled=True))
+    reference = take(endless(StreamingLoader(config(mixed_shards, **settings))), 8)
+    interrupted = StreamingLoader(config(mixed_shards, **settings))
+    consumed = take(endless(interrupted), position)
+    state = interrupted.state_dict()
+    if position == 4:
+        assert state["epoch"] == 1 and state["delivered_per_worker"] == [0] * max(workers, 1)
+    resumed_loader = StreamingLoader(config(mixed_shards, **settings))
+    resumed_loader.load_state_dict(state)
+    resumed = take(endless(resumed_loader), 8 - position)
+    assert keys_of(consumed + resumed) == keys_of(reference)
+    for got, expected in zip(consumed + resumed, reference):
+        torch.testing.assert_close(got["hsi"], expected["hsi"], rtol=0, atol=0)
+
+
+def test_state_recorded_at_an_exhausted_epoch_resumes_at_the_next_one(mixed_shards):
+    # checkpoints written before the fix hold {'epoch': e, 'delivered_per_worker': [all of the epoch]}
+    loader = StreamingLoader(config(mixed_shards, num_workers=0, batches_per_epoch=4))
+    state = {**loader.state_dict(), "epoch": 3, "delivered_per_worker": [4]}
+    loader.load_state_dict(state)
+    assert loader.state_dict()["epoch"] == 4 and loader.state_dict()["delivered_per_worker"] == [0]
+    assert len(take(endless(loader), 4)) == 4
+
+
 def test_resume_with_other_settings_is_refused(mixed_shards):
     loader = StreamingLoader(config(mixed_shards))
     next(iter(loader))

@@ -34,8 +34,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hsfm_train.data.augment import AugmentConfig, augment, crop
-from hsfm_train.data.shards import SampleError, decode_sample, iter_raw_samples, load_index, shard_urls
-from hsfm_train.errors import ConfigError, DataQualityError
+from hsfm_train.data.shards import (SampleError, check_shard_source, decode_sample, iter_raw_samples, load_index,
+                                    open_shard, shard_urls)
+from hsfm_train import errors
+from hsfm_train.errors import ConfigError, DataQualityError, HsfmError
 
 
 class DataWarning(UserWarning):
@@ -60,6 +62,10 @@ class LoaderConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     prefetch_factor: int = 2
     pin_memory: bool = False
+    # Where the index's shard files are read from, when not beside index.json: a template with {file}, such as
+    # "pipe:aws s3 cp s3://bucket/ds/{file} -" or "https://host/ds/{file}". Only your own config can set it (an
+    # index lists plain file names), so opting into a remote or pipe: source is always your decision.
+    shard_source: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
@@ -72,6 +78,8 @@ class LoaderConfig:
             raise ConfigError(f"max_fail_fraction must be in [0, 1], got {self.max_fail_fraction}")
         if self.batches_per_epoch is not None and self.batches_per_epoch < 1:
             raise ConfigError(f"batches_per_epoch must be >= 1, got {self.batches_per_epoch}")
+        if self.shard_source is not None:
+            check_shard_source(self.shard_source)
 
 
 def distributed_position() -> tuple[int, int]:
@@ -86,7 +94,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, index: dict[str, Any], config: LoaderConfig, rank: int, world_size: int,
                  epoch: int, skip_per_worker: list[int], worker_batches: int | None):
-        self.urls = shard_urls(index)
+        self.urls = shard_urls(index, config.shard_source)
         self.counts = np.array([record["samples"] for record in index["shards"]], dtype=np.int64)
         self.band_sets = {
             name: {
@@ -103,6 +111,7 @@ class ShardStream(IterableDataset):
         self.epoch = epoch
         self.skip_per_worker = skip_per_worker
         self.worker_batches = worker_batches
+        self._events: list[tuple[str, str]] = []
 
     # ----------------------------------------------------------------------------- sample sources
 
@@ -143,11 +152,9 @@ class ShardStream(IterableDataset):
                     yield self.urls[shard], key, raw
 
     def _read_shard(self, shard: int, counters: dict[str, Any]) -> Iterator[tuple[str, dict[str, bytes]]]:
-        import webdataset  # gopen handles local paths, pipe: and URLs alike
-
         url = self.urls[shard]
         try:
-            stream = webdataset.gopen(url, "rb")
+            stream = open_shard(url, remote=self.config.shard_source is not None)
         except Exception as error:  # a listed shard that cannot be opened is a corrupt-shard event
             self._bad(counters, "unreadable_shard", f"{url}: cannot open ({error})")
             return
@@ -162,9 +169,9 @@ class ShardStream(IterableDataset):
     def _bad(self, counters: dict[str, Any], reason: str, message: str) -> None:
         counters[reason] = counters.get(reason, 0) + 1
         counters["bad"] = counters.get("bad", 0) + 1
-        occurrences = counters[reason]
-        if occurrences <= 3 or math.log10(occurrences).is_integer():
-            warnings.warn(f"skipped ({reason}, occurrence {occurrences}): {message}", DataWarning, stacklevel=2)
+        # reported to the main process with the next batch: it warns once per distinct sample over the whole
+        # run, where a worker (restarted every epoch) would repeat the same warnings each epoch
+        self._events.append((reason, message))
         self._enforce_fail_fraction(counters, message)
 
     def _enforce_fail_fraction(self, counters: dict[str, Any], last_message: str, final: bool = False) -> None:
@@ -236,10 +243,30 @@ class ShardStream(IterableDataset):
         # it is must sit in slot 0, so logical ids are rotated by the number of batches already delivered.
         rotation = sum(self.skip_per_worker) % num_workers
         worker = ((info.id if info else 0) + rotation) % num_workers
+        counters: dict[str, Any] = {}
+        self._events = []
+        try:
+            for batch in self._batches(worker, num_workers, counters):
+                yield self._tagged(batch, worker, counters)
+            self._enforce_fail_fraction(counters, "end of stream", final=True)
+        except HsfmError as error:
+            if info is None:
+                raise
+            # A worker's exception reaches the main process wrapped in a multi-line traceback; send it as a
+            # marker instead, so the main process raises the same error with its one-line message.
+            yield self._tagged({"_error": (type(error).__name__, str(error))}, worker, counters)
+            return
+        yield self._tagged({"_end": True}, worker, counters)  # the last skip events and counts
+
+    def _tagged(self, batch: dict[str, Any], worker: int, counters: dict[str, Any]) -> dict[str, Any]:
+        batch["_worker"], batch["_stats"], batch["_events"] = worker, dict(counters), self._events
+        self._events = []
+        return batch
+
+    def _batches(self, worker: int, num_workers: int, counters: dict[str, Any]) -> Iterator[dict[str, Any]]:
         config = self.config
         stream_seed = [config.seed, self.epoch, self.rank, worker]
         rng = np.random.default_rng(np.random.SeedSequence(stream_seed))
-        counters: dict[str, Any] = {}
         samples = self._decoded(self._raw_samples(worker, num_workers, rng, counters), counters)
         skip = self.skip_per_worker[worker] if worker < len(self.skip_per_worker) else 0
         for number, group in enumerate(self._grouped(self._shuffled(samples, rng))):
@@ -248,10 +275,7 @@ class ShardStream(IterableDataset):
             if number < skip:
                 continue
             batch_rng = np.random.default_rng(np.random.SeedSequence(stream_seed + [number]))
-            batch = self._collate(group, batch_rng)
-            batch["_worker"], batch["_stats"] = worker, dict(counters)
-            yield batch
-        self._enforce_fail_fraction(counters, "end of stream", final=True)
+            yield self._collate(group, batch_rng)
 
     def _collate(self, group: list[dict[str, Any]], rng: np.random.Generator) -> dict[str, Any]:
         config = self.config
@@ -347,7 +371,9 @@ class StreamingLoader:
         self.epoch = 0
         self._workers = max(config.num_workers, 1)
         self._delivered = [0] * self._workers
-        self._stats: dict[int, dict[str, int]] = {}
+        self._stats: dict[str, int] = {}  # summed over the loader's life
+        self._warned: set[str] = set()
+        self._distinct_bad: dict[str, int] = {}
         if self.index["total_samples"] < 1:
             raise ConfigError(f"shard index {config.shards} lists no samples")
 
@@ -372,16 +398,36 @@ class StreamingLoader:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self._delivered = epoch, [0] * self._workers
+            self._start_epoch(epoch)
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch, self._delivered = epoch, [0] * self._workers
+
+    @property
+    def epoch_complete(self) -> bool:
+        """Resampled mode: every batch of the epoch was delivered (its length is known in advance)."""
+        return self.worker_batches is not None and sum(self._delivered) >= len(self)
 
     @property
     def stats(self) -> dict[str, int]:
-        """Sample counters summed over this rank's workers: good, bad and one entry per skip reason."""
-        total: dict[str, int] = {}
-        for worker_stats in self._stats.values():
-            for key, value in worker_stats.items():
-                total[key] = total.get(key, 0) + value
-        return total
+        """Sample counters of this loader's life, summed over epochs and workers: good, bad and one entry per
+        skip reason (samples re-read to restore a resumed position are counted again)."""
+        return dict(self._stats)
+
+    def _count(self, counters: dict[str, int], previous: dict[str, int]) -> None:
+        for key, value in counters.items():
+            self._stats[key] = self._stats.get(key, 0) + value - previous.get(key, 0)
+
+    def _report_skips(self, events: list[tuple[str, str]]) -> None:
+        """Warn once per distinct skipped sample or shard over the loader's life; a flood of distinct ones of one
+        reason is thinned to the first three, then every power of ten."""
+        for reason, message in events:
+            if message in self._warned:
+                continue
+            self._warned.add(message)
+            distinct = self._distinct_bad[reason] = self._distinct_bad.get(reason, 0) + 1
+            if distinct <= 3 or math.log10(distinct).is_integer():
+                warnings.warn(f"skipped ({reason}, {distinct} so far): {message}", DataWarning, stacklevel=3)
 
     def fingerprint(self) -> dict[str, Any]:
         shards = hashlib.sha1(json.dumps([r.get("sha256", r["file"]) for r in self.index["shards"]]).encode())
@@ -399,8 +445,10 @@ class StreamingLoader:
         if differing:
             details = ", ".join(f"{k}: recorded {recorded.get(k)!r}, now {current.get(k)!r}" for k in differing)
             raise ConfigError(f"cannot resume the data position: loader settings differ ({details})")
-        self.epoch = int(state["epoch"])
+        self._start_epoch(int(state["epoch"]))
         self._delivered = [int(n) for n in state["delivered_per_worker"]]
+        if self.epoch_complete:  # recorded by a version that moved on only when asked for one batch too many
+            self._start_epoch(self.epoch + 1)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stream = ShardStream(self.index, self.config, self.rank, self.world_size, self.epoch,
@@ -412,10 +460,25 @@ class StreamingLoader:
             prefetch_factor=self.config.prefetch_factor if self.config.num_workers else None,
             pin_memory=self.config.pin_memory,
         )
+        ended = False
+        counted: dict[int, dict[str, int]] = {}  # each worker's counters as last reported in this pass
         for batch in loader:
             worker = batch.pop("_worker")
-            self._stats[worker] = batch.pop("_stats")
+            counters = batch.pop("_stats")
+            self._count(counters, counted.get(worker, {}))
+            counted[worker] = counters
+            self._report_skips(batch.pop("_events"))
+            if "_error" in batch:
+                name, message = batch["_error"]
+                raise getattr(errors, name, HsfmError)(message)
+            if batch.pop("_end", False):
+                continue
             self._delivered[worker] += 1
+            if self.epoch_complete:
+                # The epoch's last batch: the position moves to the next epoch now, so that a checkpoint taken
+                # after this batch resumes at the start of the next epoch rather than at an exhausted one.
+                self._start_epoch(self.epoch + 1)
+                ended = True
             yield batch
-        # the epoch ran to its end (not broken off by the consumer): the next iteration starts a new one
-        self.epoch, self._delivered = self.epoch + 1, [0] * self._workers
+        if not ended and self.worker_batches is None:  # finite mode: the end is known when the stream runs dry
+            self._start_epoch(self.epoch + 1)

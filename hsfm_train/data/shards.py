@@ -4,6 +4,8 @@ The schema is documented for users in ``shards/README.md``; this module is its s
 A sample is a group of tar members sharing a key (``KEY.hsi.npy``, ``KEY.meta.json``, ...). Arrays are
 ``.npy`` read with ``allow_pickle=False`` and JSON is parsed as data, so decoding never executes code;
 members that could only be decoded by unpickling are refused with :class:`UnsafeDataError`.
+An index names only plain files inside its own folder; remote or ``pipe:`` sources are never taken from an
+index, only from the user's own ``shard_source`` template (:func:`shard_urls`, :func:`open_shard`).
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import io
 import json
 import os
 import re
+import stat
+import string
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -27,6 +31,11 @@ SCHEMA_VERSION = 1
 INDEX_FILE = "index.json"
 SHARD_PATTERN = "{name}-{number:06d}.tar"
 PARTIAL_SUFFIX = ".partial"
+# A shard file named by an index: one plain path component. No separators or "..", no ":" (so no pipe:,
+# http:// or s3:// for webdataset.gopen to act on), no leading "." or "-", no whitespace or shell
+# metacharacters: an index shared with a dataset can then only ever name files in its own folder.
+SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
+REMOTE_HINT = "remote or pipe: sources come only from your own loader config (shard_source), never from an index"
 
 # Every member a sample may carry; anything else is ignored and counted.
 ARRAY_MEMBERS = (
@@ -253,10 +262,19 @@ def iter_raw_samples(stream: io.BufferedIOBase, where: str, counters: dict[str, 
 # --------------------------------------------------------------------------------------------- writing
 
 
+def check_shard_name(name: str) -> None:
+    """The writer must never produce a file name that :func:`load_index` would refuse."""
+    example = SHARD_PATTERN.format(name=name, number=0)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not SAFE_FILE_NAME.fullmatch(example):
+        raise ConfigError(f"shard name {name!r} may only contain letters, digits, '_' and '-', "
+                          "and may not start with '-'")
+
+
 class ShardWriter:
     """Writes numbered tar shards; each appears under its final name only once complete (write, fsync, rename)."""
 
     def __init__(self, output_dir: Path, name: str, max_samples: int, max_bytes: int):
+        check_shard_name(name)
         self.output_dir = Path(output_dir)
         self.name = name
         self.max_samples = max_samples
@@ -408,8 +426,7 @@ class ShardBuildConfig:
     def __post_init__(self) -> None:
         if self.dtype not in TILE_DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(TILE_DTYPES)}, got {self.dtype!r}")
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
-            raise ConfigError(f"shard name {self.name!r} may only contain letters, digits, '_' and '-'")
+        check_shard_name(self.name)
         if self.max_samples_per_shard < 1 or self.max_shard_bytes < 1:
             raise ConfigError("max_samples_per_shard and max_shard_bytes must be positive")
 
@@ -555,12 +572,86 @@ def load_index(path: str | os.PathLike) -> dict[str, Any]:
     for required in ("shards", "band_sets", "total_samples"):
         if required not in index:
             raise DataFormatError(f"{index_path} lacks '{required}'")
+    if not isinstance(index["shards"], list):
+        raise DataFormatError(f"{index_path}: 'shards' must be a list of shard entries")
+    for number, record in enumerate(index["shards"]):
+        check_shard_entry(record, number, index_path)
     index["root"] = str(index_path.parent)
     return index
 
 
-def shard_urls(index: dict[str, Any]) -> list[str]:
-    return [str(Path(index["root"]) / record["file"]) for record in index["shards"]]
+def check_shard_entry(record: Any, number: int, where: str | os.PathLike) -> None:
+    """One ``shards`` entry of an index: a mapping with a safe ``file`` name and int counts.
+
+    Raises UnsafeDataError for a file name that could leave the folder or reach a shell/URL opener,
+    DataFormatError for a malformed entry.
+    """
+    entry = f"{where}: shards[{number}]"
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        raise DataFormatError(f"{entry} must be a mapping with a 'file' name, got {record!r}; {REMOTE_HINT}")
+    file = record["file"]
+    if not SAFE_FILE_NAME.fullmatch(file):
+        raise UnsafeDataError(f"{entry} has file {file!r}, which is not a plain file name inside the shard "
+                              f"folder (letters, digits, '_', '.', '+', '-'); refused; {REMOTE_HINT}")
+    for key, required in (("samples", True), ("bytes", False)):
+        value = record.get(key)
+        if value is None and not required:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:  # bool is an int subclass
+            raise DataFormatError(f"{entry} ({file!r}) '{key}' must be an integer >= 0, got {value!r}")
+
+
+def check_shard_source(source: str) -> None:
+    """A user's ``shard_source`` template must use ``{file}`` and nothing else as a placeholder."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(source) if name is not None]
+    except ValueError as error:
+        raise ConfigError(f"shard_source {source!r} is not a valid template ({error}); "
+                          "write literal braces as {{ and }}") from None
+    if "file" not in fields or set(fields) != {"file"}:
+        raise ConfigError(f"shard_source {source!r} must contain {{file}} and no other placeholder, "
+                          "e.g. 'pipe:aws s3 cp s3://bucket/ds/{file} -' or '/mnt/other/{file}'")
+
+
+def shard_urls(index: dict[str, Any], source: str | None = None) -> list[str]:
+    """Where each shard is read from: the index's own folder, or ``source`` (a user-given template such as
+    ``"https://host/ds/{file}"``) with each checked file name substituted."""
+    where = Path(index.get("root", "")) / INDEX_FILE
+    for number, record in enumerate(index["shards"]):  # again here, for indexes not read by load_index
+        check_shard_entry(record, number, where)
+    files = [record["file"] for record in index["shards"]]
+    if source is None:
+        return [str(Path(index["root"]) / file) for file in files]
+    check_shard_source(source)
+    return [source.format(file=file) for file in files]
+
+
+def open_shard(url: str, remote: bool) -> BinaryIO:
+    """A binary stream of one shard. Local paths are opened with ``open`` and never with ``gopen`` (which
+    would run a ``pipe:`` path); ``gopen`` is used only when the user configured a remote ``shard_source``."""
+    if not remote:
+        return open(url, "rb")
+    import webdataset
+
+    return webdataset.gopen(url, "rb")
+
+
+def check_shard_files(index: dict[str, Any]) -> list[str]:
+    """Cheap check of a local shard folder without reading shards: each listed file exists and has the
+    size the index records. One problem string per bad file."""
+    problems: list[str] = []
+    for record, path in zip(index["shards"], shard_urls(index)):
+        try:
+            status = os.stat(path)
+        except FileNotFoundError:
+            problems.append(f"{path}: listed in the index but missing")
+            continue
+        if not stat.S_ISREG(status.st_mode):
+            problems.append(f"{path}: not a regular file")
+        elif "bytes" in record and status.st_size != record["bytes"]:
+            problems.append(f"{path}: {status.st_size} bytes on disk, index says {record['bytes']} "
+                            "(truncated or changed)")
+    return problems
 
 
 def verify_shards(index: dict[str, Any]) -> dict[str, Any]:

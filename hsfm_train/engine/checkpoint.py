@@ -278,6 +278,27 @@ class Checkpointer:
         except (KeyError, TypeError) as error:
             raise DataFormatError(f"{path / 'state.json'} is malformed: missing or bad {error}") from error
 
+    def load_newest_intact(self) -> LoadedCheckpoint | None:
+        """The newest checkpoint that loads with every checksum intact: ``latest`` first, then the older complete
+        ones, newest first, each skipped one warned about by name. None in a directory with no checkpoint."""
+        first = self.latest()
+        if first is None:
+            return None
+        first_step = _step_of(first)
+        older = [path for path in reversed(self.list()) if _step_of(path) < first_step]
+        failures = []
+        for number, path in enumerate([first, *older]):
+            try:
+                return self.load(path)
+            except DataFormatError as error:
+                failures.append(str(error))
+                following = older[number] if number < len(older) else None
+                if following is not None:
+                    warnings.warn(f"cannot resume from {path.name} ({error}); falling back to the previous "
+                                  f"checkpoint {following.name}", stacklevel=2)
+        raise DataFormatError(f"no checkpoint in {self.directory} can be loaded: {'; '.join(failures)}. Move the "
+                              "damaged ones aside, or start over with trainer.resume=false or another output_dir")
+
     def _candidates(self) -> list[Path]:
         if not self.directory.is_dir():
             return []
@@ -318,6 +339,10 @@ class Checkpointer:
         for path in self._candidates():
             if path not in kept and (path in complete or ".replaced-" in path.name):
                 _remove(path)
+
+
+def _step_of(path: Path) -> int:
+    return int(_CHECKPOINT_RE.match(path.name).group(1))
 
 
 def _remove(path: Path) -> None:

@@ -2,15 +2,19 @@
 
 config.json carries what a user needs to feed the backbone correctly: the architecture, how bands are handled
 (by centre wavelength; any band set), the per-band normalisation statistics of every band set it was trained on,
-and provenance (step, samples, objective, data, versions). No pickle: tensors in safetensors, the rest JSON.
+provenance (step, samples, objective, data, versions), and the byte size and sha256 of model.safetensors (checked
+on load). No pickle: tensors in safetensors, the rest JSON.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,9 @@ from hsfm_train.errors import DataFormatError
 from hsfm_train.models.mae import ModelConfig, SpectralMAE
 
 FORMAT = "hsfm-train/spectral-mae"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json["weights"] carries the size and sha256 of model.safetensors
+CHUNK_BYTES = 1 << 20
+REEXPORT = "re-export it from the run's checkpoint with `hsfm export RUN --out DIR`"
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 BAND_HANDLING = (
     "Bands are identified by centre wavelength in nm (batch['wavelengths'], [N, B]); any band count and any "
@@ -39,7 +45,8 @@ def encoder_keys(model: SpectralMAE) -> set[str]:
 
 def export_model(model: SpectralMAE, output_dir: str | Path, *, encoder_only: bool = False,
                  normalization: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> Path:
-    """Write the export atomically (a temporary directory renamed into place); returns the directory."""
+    """Write the export atomically (a staging directory renamed into place); returns the directory. A failure at
+    any point leaves an existing export as it was and removes the staging directory."""
     output = Path(output_dir)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     if encoder_only:
@@ -57,20 +64,67 @@ def export_model(model: SpectralMAE, output_dir: str | Path, *, encoder_only: bo
         "parameters": sum(v.numel() for v in state.values()),
     }
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
-    write_json_atomic(staging / CONFIG_FILE, config)
-    fsync_path(staging / WEIGHTS_FILE)  # config.json is fsynced by write_json_atomic
-    if output.exists():
-        retired = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(retired)
-        staging.rename(output)
-        for child in retired.iterdir():
-            child.unlink()
-        retired.rmdir()
-    else:
-        staging.rename(output)
+    retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier process of the same id that was killed
+    staging.mkdir(parents=True)
+    swapped = False
+    try:
+        weights_path = staging / WEIGHTS_FILE
+        save_file(state, str(weights_path), metadata={"format": FORMAT})
+        fsync_path(weights_path)
+        # Hash what is on disk, not the tensors: that is what a later load reads back.
+        config["weights"] = {"file": WEIGHTS_FILE, "bytes": weights_path.stat().st_size,
+                             "sha256": file_sha256(weights_path)}
+        write_json_atomic(staging / CONFIG_FILE, config)
+        if output.exists():
+            shutil.rmtree(retired, ignore_errors=True)
+            output.rename(retired)
+            try:
+                staging.rename(output)
+            except BaseException:
+                retired.rename(output)  # put the old export back: never leave no export behind
+                raise
+        else:
+            staging.rename(output)
+        swapped = True
+        fsync_path(output.parent)
+    except BaseException:
+        if not swapped:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
     return output
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_weights(path: Path, config: dict[str, Any]) -> None:
+    """Check model.safetensors against the size and sha256 in config.json; format 1 exports carry neither."""
+    weights_path, config_path = path / WEIGHTS_FILE, path / CONFIG_FILE
+    record = config.get("weights")
+    if record is None and config.get("format_version", 0) < 2:
+        warnings.warn(f"{path}: export format {config.get('format_version')} carries no checksum, so "
+                      f"{WEIGHTS_FILE} cannot be verified; {REEXPORT} to add one", stacklevel=3)
+        return
+    if not isinstance(record, dict) or not {"bytes", "sha256"} <= set(record):
+        raise DataFormatError(f"{config_path}: no 'weights' entry with bytes and sha256; {REEXPORT}")
+    if not weights_path.exists():
+        raise DataFormatError(f"{weights_path}: missing; {REEXPORT}")
+    size = weights_path.stat().st_size
+    if size != record["bytes"]:  # free to check, and catches a truncated copy before hashing it
+        found = f"{size} bytes, expected {record['bytes']}"
+    elif (digest := file_sha256(weights_path)) != record["sha256"]:
+        found = f"sha256 {digest[:12]}..., expected {record['sha256'][:12]}..."
+    else:
+        return
+    raise DataFormatError(f"{weights_path}: does not match the checksum in config.json ({found}); the file is "
+                          f"corrupted, truncated or altered; {REEXPORT}")
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:
@@ -91,10 +145,12 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> SpectralMAE:
     """A ready backbone (eval mode) from an export directory; ``model.export_config`` holds config.json
-    (normalisation statistics, provenance). Encoder-only exports give a model without decoder."""
+    (normalisation statistics, provenance). Encoder-only exports give a model without decoder. The weights are
+    checked against the size and sha256 in config.json first (format 1 exports, which have none: a warning)."""
     config = read_export_config(path)
     model_config = to_dataclass(ModelConfig, config["model"], f"{Path(path) / CONFIG_FILE} model")
     model = SpectralMAE(model_config, with_decoder=not config["encoder_only"])
+    verify_weights(Path(path), config)
     weights_path = Path(path) / WEIGHTS_FILE
     try:
         state = load_file(str(weights_path))

@@ -236,6 +236,30 @@ class RunLogger:
         self._metrics_file.write(json.dumps({"step": step, **values}) + "\n")
         self._metrics_file.flush()
 
+    def rewind(self, step: int) -> int:
+        """Drop the ``metrics.jsonl`` lines logged after ``step`` (a resumed run logs those steps again) and any
+        line torn by a kill mid-write; the file is rewritten atomically. Returns how many lines were dropped."""
+        self._check_open()
+        if not self.is_main_process:
+            return 0
+        path = self.run_dir / "metrics.jsonl"
+        self._metrics_file.close()
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            if entry_step <= step:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+        self._metrics_file = open(path, "a", encoding="utf-8")
+        return dropped
+
     def log_image(self, key: str, path: str | os.PathLike, step: int) -> None:
         self._check_open()
         self._call_wandb("log_image", lambda: self._run.log({key: self._wandb.Image(str(path))}, step=step))

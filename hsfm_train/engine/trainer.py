@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -47,6 +47,30 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 20
     clip_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still computed for the finite check)
+
+    def __post_init__(self) -> None:
+        def positive(value: float) -> bool:
+            return math.isfinite(value) and value > 0
+
+        problems = []
+        if not positive(self.base_lr):
+            problems.append(f"base_lr must be a finite number > 0, got {self.base_lr}")
+        if self.lr is not None and not positive(self.lr):
+            problems.append(f"lr must be a finite number > 0 (or null for the base_lr rule), got {self.lr}")
+        if not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            problems.append(f"min_lr must be a finite number >= 0, got {self.min_lr}")
+        if self.lr is not None and positive(self.lr) and self.min_lr > self.lr:
+            problems.append(f"min_lr {self.min_lr} is above the peak lr {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            problems.append(f"betas must be two values in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if math.isnan(self.clip_grad_norm):
+            problems.append("clip_grad_norm must be a number (<= 0 turns clipping off), got nan")
+        if problems:
+            raise ConfigError("trainer.optim: " + "; ".join(problems))
 
 
 @dataclass
@@ -81,8 +105,6 @@ class TrainerConfig:
             problems.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             problems.append("checkpoint_every and log_every must be >= 1")
-        if len(self.optim.betas) != 2:
-            problems.append(f"optim.betas must have two values, got {self.optim.betas}")
         if problems:
             raise ConfigError("trainer: " + "; ".join(problems))
 
@@ -193,6 +215,7 @@ class Trainer:
             optimizer, lambda step: lr_factor(step, optim.warmup_steps, config.max_steps, floor))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.state = TrainState()
+        self.resumed_from: Path | None = None  # the checkpoint resume() loaded
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
@@ -200,16 +223,24 @@ class Trainer:
         """Load the latest checkpoint of this output directory, if any; returns whether one was loaded."""
         if not self.config.resume:
             return False
-        found = self.checkpointer.latest()
-        if found is None:
+        loaded = self.checkpointer.load_newest_intact()
+        if loaded is None:
             return False
-        loaded = self.checkpointer.load(found)
-        extra = loaded.extra
+        found, extra = loaded.path, loaded.extra
         recorded = extra.get("run_metadata", {}).get("fingerprint")
         current = self.run_metadata.get("fingerprint")
         if recorded is not None and current is not None and recorded != current:
             raise ConfigError(f"{self.output_dir} holds a run with another model/objective/data configuration "
                               f"({recorded} != {current}); use another output_dir or trainer.resume=false")
+        # The optimiser and schedule come back from the checkpoint, so other settings would be silently ignored.
+        recorded_optim, current_optim = extra.get("optimisation"), self._optimisation()
+        if recorded_optim is not None and recorded_optim != current_optim:
+            differing = ", ".join(f"{key}: checkpoint {recorded_optim.get(key)!r}, now {current_optim.get(key)!r}"
+                                  for key in sorted(set(recorded_optim) | set(current_optim))
+                                  if recorded_optim.get(key) != current_optim.get(key))
+            raise ConfigError(f"{found} was trained with other optimisation settings ({differing}); resuming would "
+                              "ignore yours. Use the checkpoint's settings, another output_dir, or "
+                              "trainer.resume=false to start over")
         self.accelerator.unwrap_model(self.model).load_state_dict(loaded.model_state)
         self.optimizer.optimizer.load_state_dict(loaded.optimizer_state)
         self.scheduler.load_state_dict(loaded.scheduler_state)
@@ -222,6 +253,7 @@ class Trainer:
         state = extra["trainer"]
         self.state = TrainState(**{k: v for k, v in state.items() if k in TrainState.__dataclass_fields__})
         self.state.stopped_by = None
+        self.resumed_from = found
         if loaded.rng is not None:
             set_rng_state(*loaded.rng)
         return True
@@ -230,12 +262,18 @@ class Trainer:
         loader_states = gather_object([self.loader.state_dict()])
         model_state = self.accelerator.get_state_dict(self.model)
         extra = {"trainer": dict(vars(self.state)), "loader": loader_states,
-                 "run_metadata": self.run_metadata}
+                 "run_metadata": self.run_metadata, "optimisation": self._optimisation()}
         path = self.checkpointer.save(self.state.step, model_state=model_state,
                                       optimizer_state=self.optimizer.optimizer.state_dict(),
                                       scheduler_state=self.scheduler.state_dict(), extra=extra)
         self.accelerator.wait_for_everyone()
         return path
+
+    def _optimisation(self) -> dict[str, Any]:
+        """What a resumed run must share with its checkpoint for the restored optimiser and schedule to be the
+        ones asked for (max_steps may change: that extends or shortens the run)."""
+        return {**{f"optim.{key}": value for key, value in asdict(self.config.optim).items()},
+                "grad_accumulation": self.config.grad_accumulation, "effective_batch": self.effective_batch}
 
     # -------------------------------------------------------------------------------------------------- loop
 
@@ -247,7 +285,8 @@ class Trainer:
                 delivered += 1
                 yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             if delivered == 0:
-                raise DataQualityError(f"the training loader delivered no batch in an epoch: {self.loader.stats}")
+                raise DataQualityError(f"the training loader delivered no batch in epoch {self.loader.epoch - 1} "
+                                       f"(sample counts {self.loader.stats})")
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
         """The masking noise of (step, micro-batch, rank): a function of the step, not of the RNG's history."""

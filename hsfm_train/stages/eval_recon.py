@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from hsfm_train.data.pipeline import LoaderConfig, StreamingLoader
+from hsfm_train.errors import ConfigError
 from hsfm_train.metrics import ReconstructionMeter
 from hsfm_train.models.mae import MAEOutput, SpectralMAE
 
@@ -22,6 +23,17 @@ class EvalConfig:
     seed: int = 1234
     max_batches: int | None = None
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 < self.mask_ratio < 1.0:  # the scores are over masked pixels, and some must stay visible
+            problems.append(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_batches is not None and self.max_batches < 1:
+            problems.append(f"max_batches must be >= 1 or null, got {self.max_batches}")
+        if problems:
+            raise ConfigError("eval: " + "; ".join(problems))
 
 
 def reflectance(values: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -38,6 +50,9 @@ def masked_forward(model: SpectralMAE, batch: dict[str, Any], mask_ratio: float,
 def evaluate_reconstruction(model: SpectralMAE, loader: Any, config: EvalConfig,
                             device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean PSNR (dB), SSIM and spectral angle (degrees) of masked reconstructions, per band set and overall."""
+    if not getattr(model, "with_decoder", True):  # now, not as a traceback from deep inside forward()
+        raise ConfigError("the model is encoder-only (an `hsfm export --encoder-only` export): masked reconstruction "
+                          "needs the decoder; export the run without --encoder-only to evaluate it")
     was_training = model.training
     model.eval()
     meters: dict[str, ReconstructionMeter] = {}

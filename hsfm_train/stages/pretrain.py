@@ -26,6 +26,7 @@ from hsfm_train.data.shards import load_index, write_json_atomic
 from hsfm_train.engine.checkpoint import Checkpointer
 from hsfm_train.engine.export import export_model
 from hsfm_train.engine.logging import RunLogger, reconstruction_figure
+from hsfm_train.engine.run_lock import lock_run_directory
 from hsfm_train.engine.trainer import Trainer, TrainerConfig, make_accelerator, resolve_accumulation
 from hsfm_train.errors import ConfigError, DataFormatError
 from hsfm_train.kernels import set_backend as set_kernel_backend
@@ -146,8 +147,21 @@ def _figure_fn(batch: dict[str, Any], config: PretrainConfig, directory: Path):
 
 
 def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
-    output = Path(config.output_dir)
+    """Run (or resume) a pretraining job; ``output_dir`` is locked for the run's life, so a second job on it is
+    refused instead of interleaving with this one."""
     accelerator = make_accelerator(config.trainer)
+    with lock_run_directory(config.output_dir, accelerator, purpose=f"pretrain {config.name}"):
+        return _run_pretrain(config, accelerator)
+
+
+def _say(accelerator: Any, message: str) -> None:
+    """A line for the person at the terminal (the main process only)."""
+    if accelerator.is_main_process:
+        print(f"hsfm: {message}", flush=True)
+
+
+def _run_pretrain(config: PretrainConfig, accelerator: Any) -> dict[str, Any]:
+    output = Path(config.output_dir)
     if config.trainer.kernels is not None:
         set_kernel_backend(config.trainer.kernels)
     if config.data.source == "demo":
@@ -189,6 +203,16 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
                                     "objective": asdict(config.objective), "normalization": normalization,
                                     "train_shards": str(Path(train_config.shards).resolve())})
     resumed_from = trainer.state.step if trainer.resume() else None
+    if accelerator.is_main_process:
+        logger.rewind(trainer.state.step)  # the steps after the checkpoint are logged again
+    if resumed_from is None:
+        _say(accelerator, f"starting a new run in {output} ({config.trainer.max_steps} steps)")
+    elif resumed_from >= config.trainer.max_steps:
+        _say(accelerator, f"{output} already finished at step {resumed_from} ({trainer.resumed_from.name}); "
+                          f"evaluating and exporting it again (raise trainer.max_steps to train further)")
+    else:
+        _say(accelerator, f"resuming {output} from {trainer.resumed_from.name} (step {resumed_from} of "
+                          f"{config.trainer.max_steps})")
     state = trainer.fit()
 
     summary: dict[str, Any] = {"name": config.name, "objective": config.objective.name, "model": config.model.name,
