@@ -212,12 +212,44 @@ def test_bad_samples_are_skipped_counted_and_warned(shards_with_bad_samples):
     assert any(issubclass(w.category, DataWarning) and "nan_tile" in str(w.message) for w in caught)
 
 
-def test_too_many_bad_samples_is_an_error(shards_with_bad_samples):
-    loader = StreamingLoader(config(shards_with_bad_samples, resampled=False, num_workers=2, max_fail_fraction=0.05))
-    with pytest.raises(DataQualityError, match="max_fail_fraction 0.05"):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_too_many_bad_samples_is_one_clean_error(shards_with_bad_samples, workers):
+    loader = StreamingLoader(config(shards_with_bad_samples, resampled=False, num_workers=workers,
+                                    max_fail_fraction=0.05))
+    with pytest.raises(DataQualityError, match="max_fail_fraction 0.05") as raised:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             list(loader)
+    # raised in a worker, it used to arrive wrapped: "Caught DataQualityError in DataLoader worker process 0"
+    # followed by the worker's traceback
+    message = str(raised.value)
+    assert "\n" not in message and "Caught" not in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_bad_sample_is_warned_about_once_over_many_epochs(shards_with_bad_samples, workers):
+    loader = StreamingLoader(config(shards_with_bad_samples, num_workers=workers, max_fail_fraction=0.5,
+                                    batches_per_epoch=4, shuffle_buffer=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):  # six epochs: the 7-tile bad shard is drawn again and again
+            list(loader)
+    skipped = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert loader.stats["bad"] > 6  # the same bad samples were read many times...
+    assert len(skipped) == len(set(skipped)) and len(skipped) <= 6  # ...and warned about once each
+    assert loader.stats["good"] + loader.stats["bad"] >= 6 * 4 * 8  # counts add up across epochs
+
+
+def test_shard_source_reads_the_index_files_from_where_the_user_says(mixed_shards, tmp_path):
+    # an index folder without its shards, and the shards reached through a user-configured pipe: source
+    (tmp_path / "index.json").write_text((mixed_shards / "index.json").read_text())
+    expected = keys_of(StreamingLoader(config(mixed_shards, resampled=False, num_workers=0)))
+    remote = config(tmp_path, resampled=False, num_workers=0, shard_source=f"pipe:cat {mixed_shards}/{{file}}")
+    assert keys_of(StreamingLoader(remote)) == expected
+    with pytest.raises(DataQualityError, match="unreadable_shard"):  # without it: looked for beside the index
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            list(StreamingLoader(config(tmp_path, resampled=False, num_workers=0, max_fail_fraction=0.0)))
 
 
 def test_truncated_shard_is_skipped_and_counted(tmp_path):

@@ -126,6 +126,8 @@ def resolve_accumulation(config: TrainerConfig, batch_size: int, processes: int)
 
 def make_accelerator(config: TrainerConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
+    if not cuda:  # tell DeepSpeed (imported by Accelerate) instead of letting it warn that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
     if precision == "bf16" and not cuda:
         raise ConfigError("trainer.precision=bf16 needs a GPU; CPU training runs in fp32 (precision=auto)")
