@@ -24,3 +24,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real benchmark data folder not found: {SHARED_DATA} (set HSFM_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The main job's demo shards (train and eval), built once for the session."""
+    from hsfm_train.data.demo import build_demo_shards
+
+    directory = tmp_path_factory.mktemp("demo")
+    build_demo_shards(directory)
+    return directory

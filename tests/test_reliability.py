@@ -1,0 +1,213 @@
+"""Runs never get lost: the kill -9 / signal / concurrent-run matrix, through the CLI in fresh interpreters.
+
+What is checked, on the micro model and the demo shards (4 batches per epoch, so checkpoints land at the first,
+a middle and the last batch of an epoch):
+* SIGKILL after any step, with 0 and 2 loader workers: the rerun takes over the dead run's lock, resumes from the
+  last checkpoint and ends with bit-identical weights, identical losses and one metrics line per step;
+* SIGKILL in the middle of a checkpoint write: ``latest`` stays on the previous checkpoint;
+* SIGTERM / SIGUSR1: a checkpoint, exit 0, and the rerun ends bit-identical;
+* a finished run (also one ending on an epoch boundary) can be extended;
+* a corrupted latest checkpoint falls back to the previous one and still ends bit-identical;
+* a second run on a running run's output_dir is refused in one line and does the first no harm; a later run
+  with other optimisation settings is refused instead of silently resuming with the checkpoint's.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.runs import (assert_same_weights, error_lines, hsfm_script, losses, metrics, overrides, run, run_env)
+
+EPOCH = ["data.train.batches_per_epoch=4"]
+
+# SIGKILL (no clean-up of any kind) at the forward of optimiser step STEP + 1, i.e. after step STEP finished.
+KILL_AFTER_STEP = textwrap.dedent("""
+    import os, signal
+    from hsfm_train.objectives import pretrain
+    _call = pretrain.PretrainObjective.__call__
+    calls = {"n": 0}
+    def call(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == STEP + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _call(self, *args, **kwargs)
+    pretrain.PretrainObjective.__call__ = call
+""")
+
+# SIGKILL halfway through writing model.safetensors of step 6.
+KILL_DURING_STEP6_SAVE = textwrap.dedent("""
+    import os, signal
+    import safetensors.torch
+    from hsfm_train.engine import checkpoint
+    _save = safetensors.torch.save_file
+    def save_file(tensors, filename, *args, **kwargs):
+        if "step_00000006" in str(filename) and filename.endswith("model.safetensors"):
+            _save(tensors, filename, *args, **kwargs)
+            os.truncate(filename, os.path.getsize(filename) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _save(tensors, filename, *args, **kwargs)
+    checkpoint.safetensors.torch.save_file = save_file
+""")
+
+# Deliver SIGNAL (Slurm's preemption signals) to ourselves during the 4th optimiser step.
+SIGNAL_AT_STEP_4 = KILL_AFTER_STEP.replace("STEP + 1", "4").replace("signal.SIGKILL", "signal.SIGNAL")
+
+
+def assert_one_line_per_step(run_dir: Path, last_step: int) -> None:
+    steps = [entry["step"] for entry in metrics(run_dir) if "train/loss" in entry]
+    assert steps == list(range(1, last_step + 1))
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["0-workers", "2-workers"])
+def straight_run(request, demo_dir, tmp_path_factory):
+    """An uninterrupted 10-step run with a checkpoint after every step."""
+    workers = request.param
+    output = tmp_path_factory.mktemp("straight") / "run"
+    command = ["pretrain", *overrides(demo_dir, output, "trainer.max_steps=10", "trainer.checkpoint_every=1",
+                                      f"data.train.num_workers={workers}", *EPOCH)]
+    result = run(command, output.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workers, output
+
+
+@pytest.mark.parametrize("step", [5, 6, 8], ids=["first-of-epoch", "middle-of-epoch", "last-of-epoch"])
+def test_sigkill_after_any_step_resumes_bit_identical(straight_run, demo_dir, tmp_path, step):
+    workers, straight = straight_run
+    output = tmp_path / "run"
+    command = ["pretrain", *overrides(demo_dir, output, "trainer.max_steps=10", "trainer.checkpoint_every=1",
+                                      f"data.train.num_workers={workers}", *EPOCH)]
+    killed = run(command, tmp_path, prelude=KILL_AFTER_STEP.replace("STEP", str(step)))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (output / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+
+    resumed = run(command, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "taking over the lock of a run that is no longer running" in resumed.stdout
+    assert f"resuming {output} from step_{step:08d} (step {step} of 10)" in resumed.stdout
+    assert json.loads((output / "summary.json").read_text())["resumed_at_step"] == step
+    assert_same_weights(straight / "export", output / "export")
+    assert losses(output) == losses(straight)
+    assert_one_line_per_step(output, 10)  # the lines of the steps after the checkpoint are not repeated
+
+
+def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(demo_dir, tmp_path):
+    common = ["trainer.max_steps=8", "trainer.checkpoint_every=3"]
+    straight = run(["pretrain", *overrides(demo_dir, tmp_path / "straight", *common)], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    output = tmp_path / "interrupted"
+    command = ["pretrain", *overrides(demo_dir, output, *common)]
+    killed = run(command, tmp_path, prelude=KILL_DURING_STEP6_SAVE)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    checkpoints = output / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000003"
+    assert any(".partial-" in p.name for p in checkpoints.iterdir())  # the half-written step 6
+
+    resumed = run(command, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((output / "summary.json").read_text())["resumed_at_step"] == 3
+    assert not any(".partial-" in p.name for p in checkpoints.iterdir())
+    assert_same_weights(tmp_path / "straight" / "export", output / "export")
+    assert losses(output) == losses(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_saves_and_exits_cleanly_then_resume_ends_bit_identical(demo_dir, tmp_path, signal_name):
+    common = ["trainer.max_steps=6", "trainer.checkpoint_every=100"]
+    straight = run(["pretrain", *overrides(demo_dir, tmp_path / "straight", *common)], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    output = tmp_path / "run"
+    command = ["pretrain", *overrides(demo_dir, output, *common)]
+    stopped = run(command, tmp_path, prelude=SIGNAL_AT_STEP_4.replace("SIGNAL", signal_name))
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert f"stopped by signal {signal_name}" in stopped.stdout
+    assert (output / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert not (output / "export").exists()  # no export of an unfinished run
+    finished = run(command, tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "taking over" not in finished.stdout  # the stopped run released its lock
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["resumed_at_step"] == 4 and summary["stopped_by"] == "max_steps"
+    assert_same_weights(tmp_path / "straight" / "export", output / "export")
+
+
+def test_a_run_finished_on_an_epoch_boundary_can_be_extended(demo_dir, tmp_path):
+    # 4 batches per epoch: step 8 is an epoch's last batch, where the checkpoint used to be unresumable
+    output = tmp_path / "run"
+    first = run(["pretrain", *overrides(demo_dir, output, "trainer.max_steps=8", *EPOCH)], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"starting a new run in {output} (8 steps)" in first.stdout
+    for result in (first,):
+        assert "unable to detect" not in result.stdout + result.stderr  # DeepSpeed's accelerator warning
+
+    again = run(["pretrain", *overrides(demo_dir, output, "trainer.max_steps=8", *EPOCH)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished at step 8 (step_00000008)" in again.stdout
+
+    extended = run(["pretrain", *overrides(demo_dir, output, "trainer.max_steps=16", *EPOCH)], tmp_path)
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert "resuming" in extended.stdout and "(step 8 of 16)" in extended.stdout
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 16 and summary["resumed_at_step"] == 8
+    assert_one_line_per_step(output, 16)
+
+
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(demo_dir, tmp_path):
+    output = tmp_path / "run"
+    command = ["pretrain", *overrides(demo_dir, output, "trainer.max_steps=6", "trainer.checkpoint_every=2")]
+    first = run(command, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    reference = tmp_path / "reference"
+    (output / "export").rename(reference)
+    weights = output / "checkpoints" / "step_00000006" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    weights.write_bytes(bytes(data))
+
+    rerun = run(command, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "cannot resume from step_00000006" in rerun.stderr and "sha256" in rerun.stderr
+    assert "falling back to the previous checkpoint step_00000004" in rerun.stderr
+    assert "from step_00000004 (step 4 of 6)" in rerun.stdout
+    assert_same_weights(reference, output / "export")  # steps 5 and 6 replayed exactly
+
+
+def test_a_second_run_on_a_running_output_dir_is_refused_without_harm(demo_dir, tmp_path):
+    output = tmp_path / "run"
+    long_run = overrides(demo_dir, output, "trainer.max_steps=150", "trainer.checkpoint_every=1", *EPOCH)
+    first = subprocess.Popen([*hsfm_script(), "pretrain", *long_run], cwd=tmp_path, env=run_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((output / "metrics.jsonl").exists() and (output / "metrics.jsonl").read_text().strip()):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start training"
+            time.sleep(0.2)
+        second = run(["pretrain", *long_run], tmp_path)
+        other_lr = run(["pretrain", *long_run, "trainer.optim.lr=0.01"], tmp_path)
+        still_running = first.poll() is None
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    for refused in (second, other_lr):
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        lines = error_lines(refused)
+        assert len(lines) == 1 and "is in use by another run (pid" in lines[0], refused.stderr[-2000:]
+        assert f"pid {first.pid} " in lines[0] and "Traceback" not in refused.stderr
+    assert still_running, "the refused runs must not have stopped the first one"
+    assert first.returncode == 0, stderr[-3000:]
+    assert_one_line_per_step(output, 150)
+    checkpoints = output / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000150"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_")) == [
+        "step_00000148", "step_00000149", "step_00000150"]
+
+    # finished: the lock is free, but a run with another lr must not silently resume with the checkpoint's lr
+    changed = run(["pretrain", *long_run, "trainer.optim.lr=0.01"], tmp_path)
+    assert changed.returncode == 2
+    lines = error_lines(changed)
+    assert len(lines) == 1 and "other optimisation settings (optim.lr: checkpoint 0.001, now 0.01)" in lines[0]
