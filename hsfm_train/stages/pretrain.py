@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,8 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining job; ``output_dir`` is locked for the run's life, so a second job on it is
     refused instead of interleaving with this one."""
     accelerator = make_accelerator(config.trainer)
-    with lock_run_directory(config.output_dir, accelerator, purpose=f"pretrain {config.name}"):
-        return _run_pretrain(config, accelerator)
+    with ExitStack() as run_scope:  # holds the output_dir lock from the first write into it to the end
+        return _run_pretrain(config, accelerator, run_scope)
 
 
 def _say(accelerator: Any, message: str) -> None:
@@ -160,7 +161,7 @@ def _say(accelerator: Any, message: str) -> None:
         print(f"hsfm: {message}", flush=True)
 
 
-def _run_pretrain(config: PretrainConfig, accelerator: Any) -> dict[str, Any]:
+def _run_pretrain(config: PretrainConfig, accelerator: Any, run_scope: ExitStack) -> dict[str, Any]:
     output = Path(config.output_dir)
     if config.trainer.kernels is not None:
         set_kernel_backend(config.trainer.kernels)
@@ -184,6 +185,8 @@ def _run_pretrain(config: PretrainConfig, accelerator: Any) -> dict[str, Any]:
     objective.check_model(model)
     initialise_endmembers(model, loader, config)
 
+    # everything above only reads: a mistake found there leaves no trace in output_dir
+    run_scope.enter_context(lock_run_directory(output, accelerator, purpose=f"pretrain {config.name}"))
     logger = RunLogger(output, {"config": asdict(config)}, project=config.trainer.wandb_project,
                        run_name=f"{config.name}-{config.objective.name}", enabled=config.trainer.wandb,
                        is_main_process=accelerator.is_main_process,
