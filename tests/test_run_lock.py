@@ -155,3 +155,28 @@ def test_without_flock_support_the_heartbeat_still_refuses(tmp_path, monkeypatch
             with pytest.raises(RunLockError, match=f"pid {os.getpid()}"):
                 RunDirectoryLock(tmp_path).acquire()
         monkeypatch.undo()
+
+
+def test_a_forked_child_does_not_keep_a_killed_runs_lock(tmp_path):
+    # a DataLoader worker outlives its SIGKILLed parent for a few seconds; the directory must be free at once
+    script = (
+        "import os, sys, time\n"
+        "from hsfm_train.engine.run_lock import RunDirectoryLock\n"
+        f"lock = RunDirectoryLock({str(tmp_path)!r}, heartbeat_s=None).acquire()\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    grandchild = int(parent.stdout.readline())
+    try:
+        parent.kill()
+        parent.wait()
+        with pytest.warns(RuntimeWarning, match=f"pid {parent.pid} on host"):
+            lock = RunDirectoryLock(tmp_path).acquire()  # the forked child is still alive
+        os.kill(grandchild, 0)
+        lock.release()
+    finally:
+        os.kill(grandchild, 9)

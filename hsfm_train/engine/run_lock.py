@@ -4,7 +4,8 @@ Guaranteed on a local filesystem: ``fcntl.flock`` on ``output_dir/.hsfm-run.lock
 lock file stays open. The kernel drops it when the process dies, even on SIGKILL, so a dead run's lock
 never blocks; a second lock on the same directory, from this process or any other, is refused without
 touching the holder's record (pid, host, start time, command, purpose, heartbeat). Forked children
-(DataLoader workers) share the open file and so the lock; it ends when the last of them closes it.
+(DataLoader workers) close their inherited copy of the lock file at once, so a killed run's lock is free as
+soon as its main process is gone, not when its last worker notices.
 
 Not guaranteed: on network filesystems (NFS, Lustre, GPFS) ``flock`` may be local to each node. As a
 fallback the holder rewrites ``heartbeat`` (Unix time) in its record every ``heartbeat_s`` seconds, and a
@@ -31,6 +32,21 @@ from typing import Any, Iterator
 from hsfm_train.errors import HsfmError
 
 LOCK_NAME = ".hsfm-run.lock"
+_HELD: set[int] = set()  # lock file descriptors this process holds
+
+
+def _close_inherited_locks() -> None:
+    # A flock belongs to the open file, which fork shares: a child that kept its copy (a DataLoader worker
+    # lingering after its parent was killed) would keep the dead run's directory locked.
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class RunLockError(HsfmError):
@@ -95,6 +111,7 @@ class RunDirectoryLock:
             os.close(fd)  # closing also drops our flock, if we got it
             raise
         self._fd = fd
+        _HELD.add(fd)
         self.previous_holder, self.takeover_message = previous or None, self._takeover(previous)
         now = time.time()
         self._record = {"pid": os.getpid(), "hostname": socket.gethostname(),
@@ -123,6 +140,9 @@ class RunDirectoryLock:
             if self._fd is None:
                 return
             fd, self._fd = self._fd, None
+            if fd not in _HELD:  # a forked child: its copy was closed at the fork, the parent holds the lock
+                return
+            _HELD.discard(fd)
             try:
                 os.ftruncate(fd, 0)
                 os.fsync(fd)
