@@ -54,8 +54,28 @@ KILL_DURING_STEP6_SAVE = textwrap.dedent("""
     checkpoint.safetensors.torch.save_file = save_file
 """)
 
+# Hold the run at the forward of step 5 until the file RELEASE exists.
+PAUSE_AT_STEP_5 = textwrap.dedent("""
+    import os, time
+    from hsfm_train.objectives import pretrain
+    _call = pretrain.PretrainObjective.__call__
+    calls = {"n": 0}
+    def call(self, *args, **kwargs):
+        calls["n"] += 1
+        deadline = time.monotonic() + 120
+        while calls["n"] == 5 and not os.path.exists("RELEASE") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return _call(self, *args, **kwargs)
+    pretrain.PretrainObjective.__call__ = call
+""")
+
 # Deliver SIGNAL (Slurm's preemption signals) to ourselves during the 4th optimiser step.
 SIGNAL_AT_STEP_4 = KILL_AFTER_STEP.replace("STEP + 1", "4").replace("signal.SIGKILL", "signal.SIGNAL")
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    return pointer.read_text().strip() if pointer.exists() else None
 
 
 def assert_one_line_per_step(run_dir: Path, last_step: int) -> None:
@@ -83,7 +103,7 @@ def test_sigkill_after_any_step_resumes_bit_identical(straight_run, demo_dir, tm
                                       f"data.train.num_workers={workers}", *EPOCH)]
     killed = run(command, tmp_path, prelude=KILL_AFTER_STEP.replace("STEP", str(step)))
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert (output / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert latest_checkpoint(output) == f"step_{step:08d}"
 
     resumed = run(command, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -105,7 +125,7 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(demo_dir,
     killed = run(command, tmp_path, prelude=KILL_DURING_STEP6_SAVE)
     assert killed.returncode == -9, killed.stderr[-3000:]
     checkpoints = output / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == "step_00000003"
+    assert latest_checkpoint(output) == "step_00000003"
     assert any(".partial-" in p.name for p in checkpoints.iterdir())  # the half-written step 6
 
     resumed = run(command, tmp_path)
@@ -126,7 +146,7 @@ def test_preemption_signal_saves_and_exits_cleanly_then_resume_ends_bit_identica
     stopped = run(command, tmp_path, prelude=SIGNAL_AT_STEP_4.replace("SIGNAL", signal_name))
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert f"stopped by signal {signal_name}" in stopped.stdout
-    assert (output / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert latest_checkpoint(output) == "step_00000004"
     assert not (output / "export").exists()  # no export of an unfinished run
     finished = run(command, tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -179,17 +199,20 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(demo_dir, 
 
 def test_a_second_run_on_a_running_output_dir_is_refused_without_harm(demo_dir, tmp_path):
     output = tmp_path / "run"
-    long_run = overrides(demo_dir, output, "trainer.max_steps=150", "trainer.checkpoint_every=1", *EPOCH)
-    first = subprocess.Popen([*hsfm_script(), "pretrain", *long_run], cwd=tmp_path, env=run_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    release = tmp_path / "release"
+    command = overrides(demo_dir, output, "trainer.max_steps=12", "trainer.checkpoint_every=1", *EPOCH)
+    first = subprocess.Popen([*hsfm_script(PAUSE_AT_STEP_5.replace('"RELEASE"', repr(str(release)))),
+                              "pretrain", *command], cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not ((output / "metrics.jsonl").exists() and (output / "metrics.jsonl").read_text().strip()):
-            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start training"
-            time.sleep(0.2)
-        second = run(["pretrain", *long_run], tmp_path)
-        other_lr = run(["pretrain", *long_run, "trainer.optim.lr=0.01"], tmp_path)
+        while latest_checkpoint(output) != "step_00000004":
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not reach step 4"
+            time.sleep(0.1)
+        second = run(["pretrain", *command], tmp_path)  # while the first is held inside step 5
+        other_lr = run(["pretrain", *command, "trainer.optim.lr=0.01"], tmp_path)
         still_running = first.poll() is None
+        release.touch()
         stdout, stderr = first.communicate(timeout=300)
     finally:
         first.kill()
@@ -200,14 +223,14 @@ def test_a_second_run_on_a_running_output_dir_is_refused_without_harm(demo_dir, 
         assert f"pid {first.pid} " in lines[0] and "Traceback" not in refused.stderr
     assert still_running, "the refused runs must not have stopped the first one"
     assert first.returncode == 0, stderr[-3000:]
-    assert_one_line_per_step(output, 150)
+    assert_one_line_per_step(output, 12)
     checkpoints = output / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == "step_00000150"
+    assert latest_checkpoint(output) == "step_00000012"
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_")) == [
-        "step_00000148", "step_00000149", "step_00000150"]
+        "step_00000010", "step_00000011", "step_00000012"]
 
     # finished: the lock is free, but a run with another lr must not silently resume with the checkpoint's lr
-    changed = run(["pretrain", *long_run, "trainer.optim.lr=0.01"], tmp_path)
+    changed = run(["pretrain", *command, "trainer.optim.lr=0.01"], tmp_path)
     assert changed.returncode == 2
     lines = error_lines(changed)
     assert len(lines) == 1 and "other optimisation settings (optim.lr: checkpoint 0.001, now 0.01)" in lines[0]

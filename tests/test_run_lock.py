@@ -165,12 +165,12 @@ def test_a_forked_child_does_not_keep_a_killed_runs_lock(tmp_path):
         f"lock = RunDirectoryLock({str(tmp_path)!r}, heartbeat_s=None).acquire()\n"
         "child = os.fork()\n"
         "if child == 0:\n"
+        "    print('child', os.getpid(), flush=True)\n"  # after the fork handlers ran in the child
         "    time.sleep(60)\n"
         "    os._exit(0)\n"
-        "print(child, flush=True)\n"
         "time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    grandchild = int(parent.stdout.readline())
+    grandchild = int(parent.stdout.readline().split()[1])
     try:
         parent.kill()
         parent.wait()
