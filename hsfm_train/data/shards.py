@@ -25,6 +25,7 @@ import numpy as np
 
 from hsfm_train.data.scene import Scene
 from hsfm_train.data.tiling import Tile, TilingConfig, iter_tiles
+from hsfm_train.io import fsync_path, write_json_atomic
 from hsfm_train.errors import ConfigError, DataFormatError, UnsafeDataError
 
 SCHEMA_VERSION = 1
@@ -355,26 +356,6 @@ class _HashingFile(io.FileIO):
         self.flush()
         os.fsync(self.fileno())
         self.close()
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory fsync makes the renames inside it durable)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    temporary = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_path(path.parent)
 
 
 class BandStatistics:

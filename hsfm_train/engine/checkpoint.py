@@ -20,7 +20,6 @@ must be a full, unsharded ``state_dict``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,7 +34,7 @@ import numpy as np
 import safetensors.torch  # called as safetensors.torch.save_file so tests can patch it
 import torch
 
-from hsfm_train.data.shards import fsync_path, write_json_atomic
+from hsfm_train.io import file_sha256, fsync_path, read_json, write_json_atomic
 from hsfm_train.errors import ConfigError, DataFormatError
 
 FORMAT_VERSION = 1
@@ -192,7 +191,7 @@ class Checkpointer:
                 fsync_path(partial / name)
             for name, payload in json_files.items():
                 write_json_atomic(partial / name, payload)  # temp + fsync + rename
-            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(partial.iterdir())}
             write_json_atomic(partial / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": files})
             fsync_path(partial)
             self._install(partial, final)
@@ -262,14 +261,14 @@ class Checkpointer:
             except Exception as error:  # safetensors raises its own error types for a bad header
                 raise DataFormatError(f"{path / name} is not a valid safetensors file: {error}") from error
 
-        state = _read_json(path / "state.json")
+        state = read_json(path / "state.json", "checkpoint state")
         try:
             if state["format_version"] > FORMAT_VERSION:
                 raise DataFormatError(f"{path / 'state.json'} has format_version {state['format_version']}; "
                                       f"this hsfm_train reads up to {FORMAT_VERSION}")
             optimizer = None
             if "optimizer.json" in files:
-                optimizer = decode_state(_read_json(path / "optimizer.json"), tensors("optimizer.safetensors"))
+                optimizer = decode_state(read_json(path / "optimizer.json", "optimizer state"), tensors("optimizer.safetensors"))
             rest = decode_state(state["state"], tensors("state.safetensors"))
             rng = None if state["rng"] is None else (state["rng"], tensors("rng.safetensors"))
             return LoadedCheckpoint(step=int(state["step"]), model_state=tensors("model.safetensors"),
@@ -386,23 +385,6 @@ def _verify(path: Path, check_hashes: bool) -> dict:
             raise DataFormatError(f"{file} is listed in the manifest but missing") from error
         if actual != size:
             raise DataFormatError(f"{file} has {actual} bytes but the manifest says {size}: truncated or altered")
-        if check_hashes and _sha256(file) != digest:
+        if check_hashes and file_sha256(file) != digest:
             raise DataFormatError(f"{file} does not match its sha256 in the manifest: corrupted or altered")
     return manifest
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise DataFormatError(f"{path} is not readable JSON: {error}") from error
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-

@@ -7,7 +7,6 @@ on load). No pickle: tensors in safetensors, the rest JSON.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -23,13 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hsfm_train.config import to_dataclass
-from hsfm_train.data.shards import fsync_path, write_json_atomic
+from hsfm_train.io import file_sha256, fsync_path, write_json_atomic
 from hsfm_train.errors import DataFormatError
 from hsfm_train.models.mae import ModelConfig, SpectralMAE
 
 FORMAT = "hsfm-train/spectral-mae"
 FORMAT_VERSION = 2  # 2: config.json["weights"] carries the size and sha256 of model.safetensors
-CHUNK_BYTES = 1 << 20
 REEXPORT = "re-export it from the run's checkpoint with `hsfm export RUN --out DIR`"
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 BAND_HANDLING = (
@@ -94,14 +92,6 @@ def export_model(model: SpectralMAE, output_dir: str | Path, *, encoder_only: bo
         raise
     shutil.rmtree(retired, ignore_errors=True)
     return output
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_weights(path: Path, config: dict[str, Any]) -> None:

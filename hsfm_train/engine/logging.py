@@ -16,6 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from hsfm_train.io import write_atomic, write_text_atomic
+
 # Target wavelengths (nm) of the red, green and blue display channels.
 _RGB_NM = (640.0, 550.0, 470.0)
 # Band-index quantiles used when wavelengths cannot pick visible bands (longest wavelength shown as red).
@@ -78,18 +80,6 @@ def _spread_pixels(mask: np.ndarray, count: int) -> np.ndarray:
     return candidates[picks]
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``, so readers never see a half-written file."""
-    # Not tempfile.mkstemp: its 0600 mode would survive the rename and hide the file from group readers.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def reconstruction_figure(path: str | os.PathLike, image: Any, masked_image_mask: Any, reconstruction: Any,
                           wavelengths: Any = None, title: str = "", pixels: int = 4) -> Path:
     """Write a PNG with the input, the masked input (masked pixels grey), the reconstruction (same stretch as
@@ -134,7 +124,7 @@ def reconstruction_figure(path: str | os.PathLike, image: Any, masked_image_mask
     if title:
         fig.suptitle(title)
 
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return path
 
 
@@ -256,7 +246,7 @@ class RunLogger:
             else:
                 dropped += 1
         if dropped:
-            _atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept), encoding="utf-8"))
+            write_text_atomic(path, "".join(kept))
         self._metrics_file = open(path, "a", encoding="utf-8")
         return dropped
 
@@ -277,7 +267,7 @@ class RunLogger:
         self._summary.update(values)
         self._call_wandb("summary", lambda: self._run.summary.update(values))
         text = json.dumps(self._summary, indent=2, sort_keys=True)
-        _atomic_write(self.run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_text_atomic(self.run_dir / "summary.json", text)
 
     def finish(self, exit_code: int | None = None) -> None:
         """Close the local files and the W&B run; later calls do nothing."""

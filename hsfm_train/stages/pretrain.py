@@ -23,13 +23,14 @@ import torch
 from hsfm_train.config import compose, to_dataclass
 from hsfm_train.data.demo import DemoDataConfig, build_demo_shards
 from hsfm_train.data.pipeline import LoaderConfig, StreamingLoader
-from hsfm_train.data.shards import load_index, write_json_atomic
+from hsfm_train.data.shards import load_index
 from hsfm_train.engine.checkpoint import Checkpointer
 from hsfm_train.engine.export import export_model
 from hsfm_train.engine.logging import RunLogger, reconstruction_figure
 from hsfm_train.engine.run_lock import lock_run_directory
 from hsfm_train.engine.trainer import Trainer, TrainerConfig, make_accelerator, resolve_accumulation
 from hsfm_train.errors import ConfigError, DataFormatError
+from hsfm_train.io import read_json, write_json_atomic
 from hsfm_train.kernels import set_backend as set_kernel_backend
 from hsfm_train.models.endmembers import library_endmembers, vca
 from hsfm_train.models.mae import ModelConfig, SpectralMAE
@@ -192,7 +193,7 @@ def _run_pretrain(config: PretrainConfig, accelerator: Any, run_scope: ExitStack
                        is_main_process=accelerator.is_main_process,
                        run_id=hashlib.sha1(f"{output.resolve()}:{fingerprint(config)}".encode()).hexdigest()[:16])
     baseline_path = output / "baseline.json"
-    baseline = json.loads(baseline_path.read_text()) if baseline_path.exists() else None
+    baseline = read_json(baseline_path, "baseline scores") if baseline_path.exists() else None
     if baseline is None and evaluation is not None and accelerator.is_main_process:
         baseline = evaluate_reconstruction(model, evaluation(), config.eval, accelerator.device)  # untrained
         write_json_atomic(baseline_path, baseline)
