@@ -2,7 +2,7 @@
 
     hsfm shards build INPUT... --out DIR [--synthetic N ...]   scenes -> WebDataset shards + index.json
     hsfm shards inspect DIR|SHARD.tar [--verify]              summarise (and check) shards
-    hsfm pretrain [group=option] [key=value ...]               spectral MAE pretraining (Hydra overrides)
+    hsfm STAGE [group=option] [key=value ...]                  a registered stage (pretrain, probe, ...), Hydra overrides
     hsfm export RUN_DIR|CHECKPOINT_DIR --out DIR                safetensors + config.json for downstream use
     hsfm eval-recon MODEL --shards DIR                          PSNR / SSIM / spectral angle of masked reconstructions
 
@@ -75,14 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(handler=_inspect)
 
-    pretrain = commands.add_parser(
-        "pretrain", help="pretrain the spectral MAE (no arguments: the demo job)",
-        description="Compose configs/pretrain.yaml with Hydra overrides, e.g. objective=karma model=small "
-                    "trainer.max_steps=1000 data=shards data.train.shards=DIR data.eval.shards=DIR. "
-                    "A rerun with the same output_dir resumes from its latest checkpoint.")
-    pretrain.add_argument("overrides", nargs="*", help="Hydra overrides: group=option or dotted.key=value")
-    pretrain.add_argument("--print-config", action="store_true", help="print the composed config and exit")
-    pretrain.set_defaults(handler=_pretrain)
+    from hsfm_train.stages.base import stages
+
+    for name, stage in stages().items():
+        command = commands.add_parser(name, help=stage.help,
+                                      description=f"{stage.help}. Composes configs/{name}.yaml with Hydra overrides "
+                                                  "(group=option or dotted.key=value); a rerun with the same "
+                                                  "output_dir resumes or is refused while another run holds it.")
+        command.add_argument("overrides", nargs="*", help="Hydra overrides: group=option or dotted.key=value")
+        command.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+        command.set_defaults(handler=_stage, stage=stage)
 
     export = commands.add_parser("export", help="export a run or checkpoint as model.safetensors + config.json")
     export.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a checkpoint directory")
@@ -98,29 +100,29 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--max-batches", type=int, default=None)
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.add_argument("--no-baselines", action="store_true",
+                          help="skip the nearest-visible-pixel and visible-mean baselines")
     evaluate.set_defaults(handler=_eval_recon)
     return parser
 
 
-def _pretrain(args: argparse.Namespace) -> int:
+def _stage(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from hsfm_train.stages.pretrain import format_summary, load_pretrain_config, run_pretrain
-
-    config = load_pretrain_config(args.overrides)
+    config = args.stage.load_config(args.overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(config)))
         return 0
-    summary = run_pretrain(config)
-    print(format_summary(summary))
+    stage = args.stage(config)
+    print(stage.format_summary(stage.execute()))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hsfm_train.engine.export import export_model
-    from hsfm_train.stages.pretrain import model_from_checkpoint
+    from hsfm_train.engine.export import export_model, load_checkpoint_model
 
-    model, metadata = model_from_checkpoint(args.source)
+    model = load_checkpoint_model(args.source)
+    metadata = model.export_config
     path = export_model(model, args.out, encoder_only=args.encoder_only,
                         normalization=metadata.get("normalization"), provenance=metadata.get("provenance"))
     print(f"exported {metadata['checkpoint']} -> {path} ({'encoder only' if args.encoder_only else 'full model'})")
@@ -128,26 +130,19 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval_recon(args: argparse.Namespace) -> int:
-    from hsfm_train.engine.export import CONFIG_FILE, load_pretrained
-    from hsfm_train.stages.eval_recon import EvalConfig, eval_loader, evaluate_reconstruction
-    from hsfm_train.stages.pretrain import model_from_checkpoint
+    from hsfm_train.engine.export import load_pretrained
+    from hsfm_train.stages.eval_recon import EvalConfig, eval_loader, evaluate_reconstruction, format_comparison
 
-    if (args.model / CONFIG_FILE).exists():
-        model = load_pretrained(args.model)
-    else:
-        model, _ = model_from_checkpoint(args.model)
+    model = load_pretrained(args.model)  # an export, a run or a checkpoint directory
     config = EvalConfig(mask_ratio=args.mask_ratio, seed=args.seed, max_batches=args.max_batches,
                         batch_size=args.batch_size)
-    results = evaluate_reconstruction(model, eval_loader(str(args.shards), args.batch_size), config)
+    results = evaluate_reconstruction(model, eval_loader(str(args.shards), args.batch_size), config,
+                                      baselines=not args.no_baselines)
     if args.json:
         print(json.dumps(results, indent=1))
     else:
         print(f"{args.model} on {args.shards}: {results['images']} tiles, mask ratio {args.mask_ratio}")
-        print(f"  PSNR {results['psnr']:.2f} dB   SSIM {results['ssim']:.4f}   SAM {results['sam_deg']:.3f} deg")
-        for key in sorted(k for k in results if k.endswith("/psnr")):
-            band_set = key[: -len("/psnr")]
-            print(f"  {band_set}: PSNR {results[key]:.2f} dB   SSIM {results[band_set + '/ssim']:.4f}   "
-                  f"SAM {results[band_set + '/sam_deg']:.3f} deg")
+        print("\n".join(format_comparison(results)))
     return 0
 
 

@@ -9,8 +9,8 @@ import torch
 from hsfm_train.data.demo import build_demo_shards
 from hsfm_train.data.pipeline import LoaderConfig, StreamingLoader
 from hsfm_train.engine.logging import RunLogger
-from hsfm_train.engine.trainer import (OptimConfig, Trainer, TrainerConfig, TrainingDiverged, lr_factor,
-                                       make_accelerator, peak_lr, resolve_accumulation)
+from hsfm_train.engine.trainer import (OptimConfig, StepResult, Trainer, TrainerConfig, TrainingDiverged, lr_factor,
+                                       make_accelerator, parameter_groups, peak_lr, resolve_accumulation)
 from hsfm_train.errors import ConfigError
 from hsfm_train.models.mae import ModelConfig, SpectralMAE
 
@@ -64,7 +64,7 @@ def _mae_loss(nan_steps: set[int], calls: list[int]):
         loss = ((out.prediction - batch["hsi"]) ** 2).mean()
         if step in nan_steps:
             loss = loss * float("nan")
-        return loss, {}, 1
+        return StepResult(loss, samples=batch["hsi"].shape[0], tokens=1)
     return loss_fn
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,8 +39,9 @@ from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
 from spectral.io.spyfile import InvalidFileError
 
+from hsfm_train.data import sensors
 from hsfm_train.data.scene import Scene
-from hsfm_train.errors import DataFormatError, HsfmError, UnsafeDataError
+from hsfm_train.errors import ConfigError, DataFormatError, HsfmError, UnsafeDataError
 
 PathLike = str | os.PathLike
 
@@ -104,12 +106,16 @@ class _Options:
     synthesize_cube: bool = False
     indices: Sequence[int] | None = None
     pair: PathLike | None = None
+    sensor_preset: str | None = None
+    preset_bands: Any = None
 
     def given(self) -> set[str]:
         return {f.name for f in fields(self) if getattr(self, f.name) is not f.default}
 
 
-_COMMON_OPTIONS = frozenset({"sensor", "name", "wavelengths_nm", "scale"})
+_COMMON_OPTIONS = frozenset({"sensor", "name", "wavelengths_nm", "scale", "sensor_preset", "preset_bands"})
+# A file's own centres that differ from a sensor preset's by more than this many preset FWHM are reported.
+_PRESET_DISAGREEMENT_FWHM = 0.5
 _SINGLE_SCENE_OPTIONS = _COMMON_OPTIONS | {"labels", "ground_truth", "bands"}
 _OPTIONS_BY_FORMAT = {
     "npz": _SINGLE_SCENE_OPTIONS | {"key", "synthesize_cube"},
@@ -136,6 +142,8 @@ def read_scenes(
     synthesize_cube: bool = False,
     indices: Sequence[int] | None = None,
     pair: PathLike | None = None,
+    sensor_preset: str | None = None,
+    preset_bands: Sequence[int | str] | str | None = None,
 ) -> Iterator[Scene]:
     """Yield every scene stored in ``path``.
 
@@ -151,13 +159,29 @@ def read_scenes(
       synthesize_cube: build the cube as abundances @ endmembers for a ground-truth-only .npz.
       indices: which scenes of a multi-scene .npz to read (reads only those).
       pair: SAR .png co-registered with an optical .png.
+      sensor_preset: a name from ``hsfm_train.data.sensors.preset_names()`` ("aviris", "enmap", "sentinel2_msi",
+        ...) whose band centres (and FWHM, band names) describe the cube's bands as the file stores them, i.e.
+        before ``bands="corrected"``; ``bands="corrected"`` then drops bands from the cube and the centres together.
+        So Salinas-A (224 stored bands) read with ``sensor_preset="aviris", bands="corrected"`` gets the 204 centres
+        of its corrected AVIRIS channels. Replaces the file's own centres (kept in ``metadata["file_wavelengths_nm"]``,
+        with a warning when they disagree by more than half a FWHM); FWHM goes to ``metadata["fwhm_nm"]``, band
+        names to ``metadata["band_names"]``; ``scene.sensor`` becomes the preset name unless ``sensor`` is given.
+        A cube whose band count differs from the preset's (or the subset's) is a ConfigError naming the file, the
+        preset and both counts. Cannot be combined with ``wavelengths_nm``.
+      preset_bands: the preset bands the stored cube holds, when it holds a subset: 1-based band numbers of the
+        preset (1..N) or its band names (["B2", "B3", "B4", "B8"]), or "corrected" for the bands listed in the
+        file's ``corrected_bands_1based`` (a file that ships only its corrected bands, like Indian Pines' 200 of
+        the 220 bands of ``aviris_1992``). The numbers are the preset's own, so they must be counted in the
+        preset's numbering.
 
     The path is checked, and single-scene files are read, before this returns; the optical-SAR stack is
     read lazily as the iterator advances.
     """
     options = _Options(sensor=sensor, name=name, key=key, ground_truth=ground_truth, header=header,
                        wavelengths_nm=wavelengths_nm, scale=scale, labels=labels, bands=bands,
-                       synthesize_cube=synthesize_cube, indices=indices, pair=pair)
+                       synthesize_cube=synthesize_cube, indices=indices, pair=pair,
+                       sensor_preset=sensor_preset, preset_bands=preset_bands)
+    _check_preset_options(options, path)
     if bands not in (None, "corrected"):
         raise ValueError(f"bands must be None or 'corrected', got {bands!r}")
     if scale is not None and not (math.isfinite(scale) and scale > 0):
@@ -254,11 +278,14 @@ def _finish(draft: dict[str, Any], path: Path, options: _Options) -> Scene:
         draft["labels"] = _label_map(options.labels)
     if options.wavelengths_nm is not None:
         draft["wavelengths_nm"] = options.wavelengths_nm
+    elif options.sensor_preset is not None:
+        _apply_sensor_preset(draft, path, options)
     if options.bands == "corrected":
         _select_corrected_bands(draft, path)
     if options.scale is not None:
         draft["cube"] = np.asarray(draft["cube"], dtype=np.float32) * np.float32(options.scale)
-    draft["sensor"] = options.sensor or draft.get("sensor") or _default_sensor(path)
+    preset_sensor = None if options.sensor_preset is None else sensors.get_preset(options.sensor_preset).name
+    draft["sensor"] = options.sensor or preset_sensor or draft.get("sensor") or _default_sensor(path)
     draft["name"] = options.name or draft.get("name") or path.stem
     return Scene(source=str(path), **draft)
 
@@ -287,6 +314,84 @@ def _select_corrected_bands(draft: dict[str, Any], path: Path) -> None:
         draft["wavelengths_nm"] = np.asarray(draft["wavelengths_nm"]).reshape(-1)[keep]
     if draft.get("endmembers") is not None and np.shape(draft["endmembers"])[1] == all_bands:
         draft["endmembers"] = np.asarray(draft["endmembers"])[:, keep]
+    for key in ("fwhm_nm", "band_names"):  # per-band metadata of a sensor preset follows too
+        if key in draft["metadata"] and np.size(draft["metadata"][key]) == all_bands:
+            draft["metadata"][key] = np.asarray(draft["metadata"][key]).reshape(-1)[keep]
+
+
+def _check_preset_options(options: _Options, path: PathLike) -> None:
+    """Fail before the file is read: a preset together with explicit centres, an unknown preset, a bad subset."""
+    if options.sensor_preset is None:
+        if options.preset_bands is not None:
+            raise ConfigError(f"{path}: preset_bands= needs sensor_preset= (the preset whose bands they number)")
+        return
+    if options.wavelengths_nm is not None:
+        raise ConfigError(
+            f"{path}: give either wavelengths_nm= or sensor_preset= ({options.sensor_preset!r}), not both: "
+            "each sets the band centres"
+        )
+    preset = sensors.get_preset(options.sensor_preset)
+    if isinstance(options.preset_bands, str):
+        if options.preset_bands != "corrected":
+            raise ConfigError(f"{path}: preset_bands must be a list of band numbers or names, or 'corrected'; "
+                              f"got {options.preset_bands!r}")
+    elif options.preset_bands is not None:
+        try:
+            sensors.band_numbers(preset, options.preset_bands)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: preset_bands: {exc}") from None
+
+
+def _apply_sensor_preset(draft: dict[str, Any], path: Path, options: _Options) -> None:
+    """Centres, FWHM and names of the preset (or its preset_bands subset) for the cube's bands as stored."""
+    preset = sensors.get_preset(options.sensor_preset)
+    metadata = draft["metadata"]
+    subset = options.preset_bands
+    if isinstance(subset, str):  # "corrected", checked by _check_preset_options
+        listed = metadata.get("corrected_bands_1based")
+        if listed is None:
+            raise DataFormatError(f"{path}: preset_bands='corrected' needs a corrected_bands_1based array; "
+                                  "the file has none")
+        subset = np.asarray(listed, dtype=np.int64).reshape(-1).tolist()
+    numbers = list(range(1, preset.num_bands + 1)) if subset is None else list(sensors.band_numbers(preset, subset))
+    stored = int(draft["cube"].shape[2])
+    if len(numbers) != stored:
+        described = (f"sensor preset {preset.name!r} has {preset.num_bands} bands" if subset is None else
+                     f"preset_bands={options.preset_bands!r} selects {len(numbers)} of the {preset.num_bands} "
+                     f"bands of sensor preset {preset.name!r}")
+        listed = metadata.get("corrected_bands_1based")
+        hint = ""
+        if subset is None and listed is not None and np.size(listed) == stored:
+            hint = (f"; the file's corrected_bands_1based lists {stored} bands, as many as the cube: if it stores "
+                    "only those, pass preset_bands='corrected'")
+        elif isinstance(options.preset_bands, str) and preset.num_bands == stored:
+            hint = (f"; the cube still holds all {stored} bands: drop preset_bands and pass bands='corrected' to "
+                    "drop the others")
+        raise ConfigError(f"{path}: {described}, but the cube has {stored} bands{hint}")
+    centres, fwhm, names = sensors.select_bands(preset, numbers)
+    own = draft.get("wavelengths_nm")
+    if own is not None:
+        own = np.asarray(own, dtype=np.float64).reshape(-1)
+        metadata["file_wavelengths_nm"] = own
+        if own.size == centres.size and np.isfinite(own).all():
+            worst = int(np.argmax(np.abs(own - centres)))
+            if abs(own[worst] - centres[worst]) > _PRESET_DISAGREEMENT_FWHM * fwhm[worst]:
+                warnings.warn(
+                    f"{path}: the file's own band centres differ from sensor preset {preset.name!r} by up to "
+                    f"{abs(own[worst] - centres[worst]):.1f} nm (band {names[worst] if names else numbers[worst]}: "
+                    f"{own[worst]:.2f} vs "
+                    f"{centres[worst]:.2f} nm); using the preset's, as asked (the file's are in "
+                    "metadata['file_wavelengths_nm'])",
+                    UserWarning, stacklevel=4,
+                )
+    if "fwhm_nm" in metadata:
+        metadata["file_fwhm_nm"] = metadata.pop("fwhm_nm")
+    draft["wavelengths_nm"] = centres
+    metadata["fwhm_nm"] = fwhm.astype(np.float32)
+    if names is not None:
+        metadata["band_names"] = np.asarray(names)
+    metadata["sensor_preset"] = preset.name
+    metadata["preset_bands_1based"] = np.asarray(numbers, dtype=np.int64)
 
 
 def _wavelengths_in_nm(values: Any, unit: str | None, where: str) -> np.ndarray:

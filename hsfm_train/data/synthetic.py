@@ -32,6 +32,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from hsfm_train.data.scene import Scene
+from hsfm_train.data.sensors import preset_names, preset_wavelengths
 from hsfm_train.errors import ConfigError, DataFormatError
 
 LIBRARY_ASSET = "usgs_splib_aviris224.npz"
@@ -108,10 +109,13 @@ def _library_from_npz(handle: BinaryIO, where: str) -> SpectralLibrary:
 
 
 # Band-centre grids of sensors that synthetic corpora can imitate (nm). Callables, so nothing is read at import.
+# sensor_grid() also accepts every sensor preset name (hsfm_train.data.sensors: "enmap", "emit", "sentinel2_msi", ...).
 SENSOR_GRIDS: dict[str, Callable[[], np.ndarray]] = {
-    # The library's own grid: AVIRIS 224 bands, 383-2508 nm (not monotonic where the spectrometers overlap).
+    # The library's own grid: AVIRIS 224 bands, 383-2508 nm (not monotonic where the spectrometers overlap); the same
+    # centres as the "aviris" sensor preset, which is built from this library.
     "aviris224": lambda: load_spectral_library().wavelengths_nm,
-    # Approximates EnMAP's VNIR+SWIR band count (218) and range; real EnMAP centres are not evenly spaced.
+    # Approximates EnMAP's VNIR+SWIR band count (218) and range; real EnMAP centres are not evenly spaced (the
+    # "enmap" sensor preset has the real 224).
     "enmap_like_218": lambda: np.linspace(420.0, 2450.0, 218, dtype=np.float32),
     # Samson's 156 centres from its ENVI header are evenly spaced: this linspace between the real first and last
     # centres matches all 156 within 1e-4 nm (checked against shared/data/unmixing/samson/samson.npz).
@@ -120,10 +124,13 @@ SENSOR_GRIDS: dict[str, Callable[[], np.ndarray]] = {
 
 
 def sensor_grid(name: str) -> np.ndarray:
-    """Band centres (nm, float32) of a named grid in ``SENSOR_GRIDS``."""
-    if name not in SENSOR_GRIDS:
-        raise ConfigError(f"unknown sensor grid {name!r}; known grids: {sorted(SENSOR_GRIDS)}")
-    return np.asarray(SENSOR_GRIDS[name](), dtype=np.float32)
+    """Band centres (nm, float32) of a grid in ``SENSOR_GRIDS`` or of a sensor preset (``sensors.preset_names()``)."""
+    if name in SENSOR_GRIDS:
+        return np.asarray(SENSOR_GRIDS[name](), dtype=np.float32)
+    if name in preset_names():
+        return np.asarray(preset_wavelengths(name), dtype=np.float32)
+    raise ConfigError(f"unknown sensor grid {name!r}; known grids: {sorted(SENSOR_GRIDS)} and the sensor presets "
+                      f"{list(preset_names())}")
 
 
 @dataclass(eq=False)  # identity equality: a field may hold an array
@@ -133,7 +140,8 @@ class SyntheticSceneConfig:
     ``temperature`` sets how pure pixels are: the softmax of unit-variance fields at temperature T, so small T
     (0.1) gives nearly pure patches with thin mixed borders and large T (5) gives everywhere-mixed pixels.
     ``smoothness`` is the Gaussian random field's length scale in pixels (0 = independent pixels).
-    ``target_wavelengths_nm`` is None (the library's grid), a ``SENSOR_GRIDS`` name or an array of band centres.
+    ``target_wavelengths_nm`` is None (the library's grid), a ``SENSOR_GRIDS`` or sensor preset name or an array of
+    band centres.
     ``sensor`` defaults to ``synthetic_<grid name>``. The "urban" abundance source has exactly 4 endmembers and
     at most 307x307 pixels, and ignores ``smoothness`` and ``temperature``.
     """

@@ -7,27 +7,30 @@ on load). No pickle: tensors in safetensors, the rest JSON.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
 import subprocess
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from hsfm_train.config import to_dataclass
-from hsfm_train.io import file_sha256, fsync_path, write_json_atomic
-from hsfm_train.errors import DataFormatError
-from hsfm_train.models.mae import ModelConfig, SpectralMAE
+from torch import nn
 
-FORMAT = "hsfm-train/spectral-mae"
-FORMAT_VERSION = 2  # 2: config.json["weights"] carries the size and sha256 of model.safetensors
+from hsfm_train.engine.checkpoint import Checkpointer
+from hsfm_train.errors import DataFormatError
+from hsfm_train.io import file_sha256, fsync_path, read_json, write_json_atomic
+from hsfm_train.models.normalizer import Normalizer
+from hsfm_train.models.registry import (DEFAULT_ARCHITECTURE, architecture_of, build_model, config_dict,
+                                        encoder_keys, model_config)
+
+FORMAT = "hsfm-train/export"
+OLD_FORMATS = ("hsfm-train/spectral-mae",)  # format 1 named the one architecture there was
+FORMAT_VERSION = 2  # 2: "arch", and config.json["weights"] carries the size and sha256 of model.safetensors
 REEXPORT = "re-export it from the run's checkpoint with `hsfm export RUN --out DIR`"
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 BAND_HANDLING = (
@@ -37,11 +40,7 @@ BAND_HANDLING = (
     "the statistics below for a known band set, or statistics of your own data for a new one.")
 
 
-def encoder_keys(model: SpectralMAE) -> set[str]:
-    return set(SpectralMAE(model.config, with_decoder=False).state_dict())
-
-
-def export_model(model: SpectralMAE, output_dir: str | Path, *, encoder_only: bool = False,
+def export_model(model: nn.Module, output_dir: str | Path, *, encoder_only: bool = False,
                  normalization: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> Path:
     """Write the export atomically (a staging directory renamed into place); returns the directory. A failure at
     any point leaves an existing export as it was and removes the staging directory."""
@@ -53,8 +52,9 @@ def export_model(model: SpectralMAE, output_dir: str | Path, *, encoder_only: bo
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "arch": architecture_of(model),
         "encoder_only": encoder_only,
-        "model": asdict(model.config),
+        "model": config_dict(model),
         "band_handling": BAND_HANDLING,
         "normalization": normalization or {},
         "provenance": {**(provenance or {}), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -120,28 +120,66 @@ def verify_weights(path: Path, config: dict[str, Any]) -> None:
 def read_export_config(path: str | Path) -> dict[str, Any]:
     config_path = Path(path) / CONFIG_FILE
     try:
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path, "export config")
     except FileNotFoundError:
         raise DataFormatError(f"{config_path}: no config.json; is {path} an `hsfm export` directory?") from None
-    except json.JSONDecodeError as error:
-        raise DataFormatError(f"{config_path}: not valid JSON ({error})") from None
-    if config.get("format") != FORMAT:
-        raise DataFormatError(f"{config_path}: format {config.get('format')!r} is not {FORMAT!r}")
+    if not isinstance(config, dict) or config.get("format") not in (FORMAT, *OLD_FORMATS):
+        found = config.get("format") if isinstance(config, dict) else config
+        raise DataFormatError(f"{config_path}: format {found!r} is not {FORMAT!r}")
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise DataFormatError(f"{config_path}: format version {config['format_version']} is newer than this "
                               f"hsfm-train reads ({FORMAT_VERSION}); upgrade hsfm-train")
     return config
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> SpectralMAE:
-    """A ready backbone (eval mode) from an export directory; ``model.export_config`` holds config.json
-    (normalisation statistics, provenance). Encoder-only exports give a model without decoder. The weights are
-    checked against the size and sha256 in config.json first (format 1 exports, which have none: a warning)."""
-    config = read_export_config(path)
-    model_config = to_dataclass(ModelConfig, config["model"], f"{Path(path) / CONFIG_FILE} model")
-    model = SpectralMAE(model_config, with_decoder=not config["encoder_only"])
-    verify_weights(Path(path), config)
-    weights_path = Path(path) / WEIGHTS_FILE
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A ready backbone (eval mode) from an export directory, a run directory (its latest checkpoint) or one
+    checkpoint directory, of whichever registered architecture it holds. ``model.export_config`` holds the
+    export's config.json (for a checkpoint: the same fields); ``model.normalizer`` applies the training
+    statistics to a known band set (see :class:`Normalizer`). An export's weights are checked against the size
+    and sha256 in its config.json first (format 1 exports, which have none: a warning)."""
+    path = Path(path)
+    is_checkpoint = (path / "checkpoints").is_dir() or (path / "manifest.json").exists()
+    if is_checkpoint and not (path / CONFIG_FILE).exists():
+        model = load_checkpoint_model(path)
+    else:
+        config = read_export_config(path)
+        arch = config.get("arch", DEFAULT_ARCHITECTURE)
+        model = build_model(model_config(arch, config["model"], f"{path / CONFIG_FILE} model"), arch,
+                            with_decoder=not config["encoder_only"])
+        verify_weights(path, config)
+        _load_weights(model, path / WEIGHTS_FILE)
+        model.export_config = config
+    model.normalizer = Normalizer(model.export_config.get("normalization") or {})
+    return model.to(device).eval()
+
+
+def load_checkpoint_model(source: str | Path) -> nn.Module:
+    """The model of a run directory's latest checkpoint (or of one checkpoint directory); its
+    ``export_config`` holds what an export of it would carry (model, normalisation, provenance)."""
+    source = Path(source)
+    if (source / "checkpoints").is_dir():
+        source = source / "checkpoints"
+    loaded = Checkpointer(source.parent).load(source) if (source / "manifest.json").exists() else \
+        Checkpointer(source).load()
+    metadata = (loaded.extra or {}).get("run_metadata", {})
+    if "model" not in metadata:
+        raise DataFormatError(f"{loaded.path}: the checkpoint does not record its model config (not an hsfm "
+                              "training checkpoint?)")
+    arch = metadata.get("arch", DEFAULT_ARCHITECTURE)
+    model = build_model(model_config(arch, metadata["model"], f"{loaded.path} model config"), arch)
+    model.load_state_dict(loaded.model_state)
+    train_state = (loaded.extra or {}).get("train_state", (loaded.extra or {}).get("trainer", {}))
+    provenance = {"checkpoint": str(loaded.path), "step": train_state.get("step"),
+                  "samples": train_state.get("samples"), "objective": metadata.get("objective"),
+                  "train_shards": metadata.get("train_shards")}
+    model.export_config = {"arch": arch, "encoder_only": False, "model": metadata["model"],
+                           "normalization": metadata.get("normalization") or {}, "provenance": provenance,
+                           "checkpoint": str(loaded.path)}
+    return model.eval()
+
+
+def _load_weights(model: nn.Module, weights_path: Path) -> None:
     try:
         state = load_file(str(weights_path))
     except FileNotFoundError:
@@ -154,8 +192,6 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Spe
         raise DataFormatError(f"{weights_path}: does not match the architecture in config.json "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.load_state_dict(state)
-    model.export_config = config
-    return model.to(device).eval()
 
 
 def _git_commit() -> str | None:

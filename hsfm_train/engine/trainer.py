@@ -1,5 +1,10 @@
-"""The training loop on Accelerate: accumulation, clipping, AdamW with warm-up + cosine per step, a non-finite
-guard, throughput, checkpoints with exact resume, and clean exit on SIGTERM / SIGUSR1 (Slurm preemption).
+"""The training loop on Accelerate, for every stage that trains: accumulation, clipping, AdamW with warm-up +
+cosine per step over the parameter groups the stage gives, a non-finite guard, throughput, periodic validation
+with best-metric tracking, checkpoints with exact resume, and clean exit on SIGTERM / SIGUSR1 (Slurm preemption).
+
+The loop knows nothing of models or batches: a stage hands it ``step_fn(model, batch, generator) -> StepResult``
+and the parameter groups. Everything a checkpoint holds is the ``state_dict()`` of a named component (model,
+optimizer, scheduler, loader, train state, and any stateful extras of the stage).
 
 Nothing here assumes one process: the data loader splits itself by rank, every decision that must agree across
 ranks (skip a non-finite step, stop on a signal) is taken on all-reduced values, and checkpoint writes happen on
@@ -85,6 +90,9 @@ class TrainerConfig:
     keep_last: int = 3
     figure_every: int = 100  # 0: no figures
     max_nonfinite_steps: int = 10  # consecutive skipped steps before the run stops
+    eval_every: int = 0  # steps between validations during training (0: only at the end)
+    best_metric: str | None = None  # a key of the validation results to track, e.g. "psnr"
+    best_mode: str = "max"  # "max" or "min": which direction of best_metric is better
     resume: bool = True  # continue from output_dir's latest checkpoint when there is one
     progress: bool = True
     wandb: bool = True  # offline unless an API key is configured
@@ -105,6 +113,10 @@ class TrainerConfig:
             problems.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             problems.append("checkpoint_every and log_every must be >= 1")
+        if self.eval_every < 0:
+            problems.append(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.best_mode not in ("max", "min"):
+            problems.append(f"best_mode must be max or min, got {self.best_mode!r}")
         if problems:
             raise ConfigError("trainer: " + "; ".join(problems))
 
@@ -151,6 +163,34 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 
 
 @dataclass
+class StepResult:
+    """What one micro-batch step gives the loop."""
+    loss: torch.Tensor  # scalar; the loop backpropagates it (divided by the accumulation count)
+    parts: dict[str, float] = field(default_factory=dict)  # named loss terms, logged as train/<name>
+    samples: int = 0  # samples in the micro-batch on this process
+    tokens: int = 0  # tokens processed, for throughput and MFU
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None
+                     ) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters (frozen ones are left out). No weight decay on biases, norms,
+    tokens and embeddings (MAE's rule), nor on names the model lists in ``no_weight_decay()``. A parameter whose
+    name starts with a prefix of ``lr_scales`` trains at that multiple of the peak lr (heads, adapters)."""
+    scales = dict(lr_scales or {})
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        scale = next((value for prefix, value in scales.items() if name.startswith(prefix)), 1.0)
+        decay = not (parameter.ndim <= 1 or name.endswith(("_token", "_embed")) or name in skip)
+        groups.setdefault((scale, decay), []).append(parameter)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale,
+             "name": f"{'decay' if decay else 'no_decay'}@{scale:g}"}
+            for (scale, decay), params in groups.items() if params]
+
+
+@dataclass
 class TrainState:
     step: int = 0
     samples: int = 0
@@ -158,6 +198,17 @@ class TrainState:
     consecutive_skipped: int = 0
     stopped_by: str | None = None  # "max_steps", "signal SIGTERM" ...
     last_loss: float = float("nan")
+    best_value: float | None = None  # of config.best_metric, at best_step
+    best_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if key in TrainState.__dataclass_fields__:
+                setattr(self, key, value)
+        self.stopped_by = None
 
 
 class PreemptionFlag:
@@ -183,21 +234,30 @@ class PreemptionFlag:
 
 
 class Trainer:
-    """Runs ``loss_fn(model, batch, generator) -> (loss, parts, tokens_per_sample)`` for ``config.max_steps``
-    optimiser steps over an endless stream of batches from ``loader`` (a StreamingLoader)."""
+    """Runs ``step_fn(model, batch, generator) -> StepResult`` for ``config.max_steps`` optimiser steps over an
+    endless stream of batches from ``loader`` (a StreamingLoader).
 
-    def __init__(self, config: TrainerConfig, model: torch.nn.Module, loss_fn: Callable, loader: Any,
-                 output_dir: str | Path, logger: RunLogger, accelerator: Accelerator, seed: int = 0,
+    ``param_groups``: AdamW groups (default: :func:`parameter_groups` of the whole model); each group's
+    ``lr_scale`` multiplies the peak lr. ``evaluate(model) -> {metric: value}`` runs every ``eval_every`` steps
+    (logged as eval/<metric>; ``best_metric`` tracked in the train state). ``stateful``: further named components
+    (with ``state_dict``/``load_state_dict``) the checkpoint must carry for exact resume."""
+
+    def __init__(self, config: TrainerConfig, model: torch.nn.Module, step_fn: Callable[..., StepResult],
+                 loader: Any, output_dir: str | Path, logger: RunLogger, accelerator: Accelerator, seed: int = 0,
+                 param_groups: list[dict[str, Any]] | None = None,
+                 evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
                  figure_fn: Callable[[torch.nn.Module, int], Path | None] | None = None,
-                 run_metadata: dict[str, Any] | None = None):
+                 run_metadata: dict[str, Any] | None = None, stateful: dict[str, Any] | None = None):
         self.config = config
         self.accelerator = accelerator
         self.loader = loader
-        self.loss_fn = loss_fn
+        self.step_fn = step_fn
         self.logger = logger
         self.seed = seed
+        self.evaluate = evaluate
         self.figure_fn = figure_fn
         self.run_metadata = run_metadata or {}
+        self.stateful = dict(stateful or {})
         self.output_dir = Path(output_dir)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep_last=config.keep_last,
                                          is_main_process=accelerator.is_main_process)
@@ -205,13 +265,12 @@ class Trainer:
         self.effective_batch = batch * config.grad_accumulation * accelerator.num_processes
         optim = config.optim
         self.lr = peak_lr(optim, self.effective_batch)
-        decay, no_decay = [], []
-        for name, parameter in model.named_parameters():
-            # MAE: no weight decay on biases, norms, embeddings and tokens
-            (no_decay if parameter.ndim <= 1 or name.endswith(("_token", "_embed")) else decay).append(parameter)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=self.lr, betas=tuple(optim.betas))
+        groups = param_groups if param_groups is not None else parameter_groups(model, optim.weight_decay)
+        if not any(group["params"] for group in groups):
+            raise ConfigError("nothing to train: the stage's parameter groups hold no trainable parameter")
+        for group in groups:
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(optim.betas))
         floor = optim.min_lr / self.lr if self.lr > 0 else 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, optim.warmup_steps, config.max_steps, floor))
@@ -244,17 +303,19 @@ class Trainer:
                               "ignore yours. Use the checkpoint's settings, another output_dir, or "
                               "trainer.resume=false to start over")
         self.accelerator.unwrap_model(self.model).load_state_dict(loaded.model_state)
-        self.optimizer.optimizer.load_state_dict(loaded.optimizer_state)
+        self.optimizer.load_state_dict(loaded.optimizer_state)
         self.scheduler.load_state_dict(loaded.scheduler_state)
+        for name, component in self.stateful.items():
+            if name not in extra.get("stateful", {}):
+                raise ConfigError(f"{found} holds no state for {name!r}; it was written by another stage")
+            component.load_state_dict(extra["stateful"][name])
         loader_states = extra["loader"]
         rank = self.accelerator.process_index
         if len(loader_states) != self.accelerator.num_processes:
             raise ConfigError(f"checkpoint {found} was written by {len(loader_states)} processes, this run has "
                               f"{self.accelerator.num_processes}; exact resume needs the same world size")
         self.loader.load_state_dict(loader_states[rank])
-        state = extra["trainer"]
-        self.state = TrainState(**{k: v for k, v in state.items() if k in TrainState.__dataclass_fields__})
-        self.state.stopped_by = None
+        self.state.load_state_dict(extra.get("train_state", extra.get("trainer", {})))  # "trainer": before 0.2
         self.resumed_from = found
         if loaded.rng is not None:
             set_rng_state(*loaded.rng)
@@ -263,10 +324,11 @@ class Trainer:
     def save(self) -> Path:
         loader_states = gather_object([self.loader.state_dict()])
         model_state = self.accelerator.get_state_dict(self.model)
-        extra = {"trainer": dict(vars(self.state)), "loader": loader_states,
+        extra = {"train_state": self.state.state_dict(), "loader": loader_states,
+                 "stateful": {name: component.state_dict() for name, component in self.stateful.items()},
                  "run_metadata": self.run_metadata, "optimisation": self._optimisation()}
         path = self.checkpointer.save(self.state.step, model_state=model_state,
-                                      optimizer_state=self.optimizer.optimizer.state_dict(),
+                                      optimizer_state=self.optimizer.state_dict(),
                                       scheduler_state=self.scheduler.state_dict(), extra=extra)
         self.accelerator.wait_for_everyone()
         return path
@@ -320,14 +382,13 @@ class Trainer:
                     context = accelerator.no_sync(self.model) if not sync else nullcontext()
                     with context:
                         with accelerator.autocast():  # the forward only: backward runs outside autocast
-                            loss, parts, tokens_per_sample = self.loss_fn(self.model, batch,
-                                                                          self._generator(state.step, micro))
-                        accelerator.backward(loss / config.grad_accumulation)
-                    losses.append(loss.detach().float())
-                    for name, value in parts.items():
+                            result = self.step_fn(self.model, batch, self._generator(state.step, micro))
+                        accelerator.backward(result.loss / config.grad_accumulation)
+                    losses.append(result.loss.detach().float())
+                    for name, value in result.parts.items():
                         parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / config.grad_accumulation
-                    samples += batch["hsi"].shape[0]
-                    tokens += batch["hsi"].shape[0] * tokens_per_sample
+                    samples += result.samples
+                    tokens += result.tokens
                 clip = config.optim.clip_grad_norm if config.optim.clip_grad_norm > 0 else float("inf")
                 grad_norm = accelerator.clip_grad_norm_(parameters, clip)
                 loss_value = torch.stack(losses).mean()
@@ -361,6 +422,8 @@ class Trainer:
                 if state.step % config.log_every == 0 or state.step == config.max_steps:
                     self._log(loss_value, parts_sum, grad_norm, window)
                     window = {"time": 0.0, "samples": 0, "tokens": 0, "steps": 0}
+                if self.evaluate is not None and config.eval_every and state.step % config.eval_every == 0:
+                    self.validate()
                 if self.figure_fn is not None and config.figure_every and state.step % config.figure_every == 0:
                     if accelerator.is_main_process:
                         figure = self.figure_fn(accelerator.unwrap_model(self.model), state.step)
@@ -377,6 +440,27 @@ class Trainer:
         if state.stopped_by is None:
             state.stopped_by = "max_steps"
         return state
+
+    def validate(self) -> dict[str, float]:
+        """Run the stage's evaluation now, log it as eval/<metric> and track the best value of best_metric."""
+        config, state = self.config, self.state
+        results = self.evaluate(self.accelerator.unwrap_model(self.model))
+        if not results:  # a process that does not evaluate
+            return results
+        scalars = {key: float(value) for key, value in results.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if config.best_metric is not None:
+            if config.best_metric not in scalars:
+                raise ConfigError(f"trainer.best_metric {config.best_metric!r} is not among the evaluation's "
+                                  f"results {sorted(scalars)}")
+            value = scalars[config.best_metric]
+            better = (state.best_value is None or (value > state.best_value if config.best_mode == "max"
+                                                   else value < state.best_value))
+            if better and math.isfinite(value):
+                state.best_value, state.best_step = value, state.step
+            scalars["best_" + config.best_metric] = state.best_value
+        self.logger.log({f"eval/{key}": value for key, value in scalars.items()}, step=state.step)
+        return results
 
     def _log(self, loss: torch.Tensor, parts: dict[str, float], grad_norm: torch.Tensor,
              window: dict[str, float]) -> None:
