@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from hsfm_train.errors import ConfigError, DataFormatError
-from hsfm_train.models.endmembers import library_endmembers, vca
+from hsfm_train.spectra import library_endmembers, vca
 from hsfm_train.models.heads import LSMMHead
 from hsfm_train.models.mae import LSMMConfig, ModelConfig, SpectralMAE
 from hsfm_train.models.tokenizers import band_groups, check_wavelengths, quadrature_weights

@@ -13,7 +13,7 @@ import yaml
 from hsfm_train.errors import ConfigError
 from hsfm_train.kernels import spectral_angle_loss
 from hsfm_train.kernels.sam_loss import spectral_angle_reference
-from hsfm_train.models.endmembers import library_endmembers
+from hsfm_train.spectra import library_endmembers
 from hsfm_train.models.mae import LSMMConfig, MAEOutput, ModelConfig, SpectralMAE
 from hsfm_train.objectives.pretrain import ObjectiveConfig, PretrainObjective
 from hsfm_train.objectives.reconstruction import masked_huber, masked_mse, normalised_target

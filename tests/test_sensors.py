@@ -11,7 +11,8 @@ from hsfm_train.data import sensors
 from hsfm_train.data.readers import read_scene
 from hsfm_train.data.sensors import get_preset, preset_names, preset_wavelengths, select_bands
 from hsfm_train.data.shards import load_index
-from hsfm_train.data.synthetic import SyntheticSceneConfig, generate_scene, load_spectral_library, sensor_grid
+from hsfm_train.data.synthetic import SyntheticSceneConfig, generate_scene, sensor_grid
+from hsfm_train.spectra import load_spectral_library
 from hsfm_train.errors import ConfigError
 from tests.conftest import shared_file
 

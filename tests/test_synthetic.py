@@ -9,14 +9,13 @@ import pytest
 
 from hsfm_train.data.synthetic import (
     SENSOR_GRIDS,
-    SpectralLibrary,
     SyntheticSceneConfig,
     generate_scene,
     generate_scenes,
-    load_spectral_library,
     scene_seed,
     sensor_grid,
 )
+from hsfm_train.spectra import SpectralLibrary, load_spectral_library
 from hsfm_train.errors import ConfigError, DataFormatError
 from tests.conftest import shared_file
 

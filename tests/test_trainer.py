@@ -102,3 +102,67 @@ def test_gradient_accumulation_consumes_micro_batches_and_scales_the_loss(train_
     state = trainer.fit()
     assert len(calls) == 6 and state.samples == 3 * 2 * 2
     assert math.isfinite(state.last_loss)
+
+
+def test_parameter_groups_leave_out_frozen_parameters_and_scale_heads():
+    model = SpectralMAE(ModelConfig(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                                    decoder_num_heads=2, spectral_channels=8, spectral_basis=8))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith(("decoder", "blocks"))  # a frozen patch embedding
+    groups = parameter_groups(model, weight_decay=0.05, lr_scales={"decoder": 10.0})
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert sorted(grouped) == sorted(trainable) and len(grouped) == len(set(grouped))
+    by_name = {group["name"]: group for group in groups}
+    assert set(by_name) == {"decay@1", "no_decay@1", "decay@10", "no_decay@10"}
+    assert by_name["decay@10"]["lr_scale"] == 10.0 and by_name["no_decay@1"]["weight_decay"] == 0.0
+    decoder_ids = {id(p) for n, p in model.named_parameters() if n.startswith("decoder")}
+    assert {id(p) for p in by_name["decay@10"]["params"] + by_name["no_decay@10"]["params"]} == decoder_ids
+
+
+def test_group_lr_scale_multiplies_the_scheduled_lr(train_shards, tmp_path):
+    torch.manual_seed(0)
+    model = SpectralMAE(ModelConfig(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                                    decoder_num_heads=2, spectral_channels=8, spectral_basis=8))
+    config = TrainerConfig(progress=False, wandb=False, checkpoint_every=100, figure_every=0, max_steps=3,
+                           optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0))
+    loader = StreamingLoader(LoaderConfig(shards=str(train_shards), batch_size=2, num_workers=0))
+    groups = parameter_groups(model, 0.05, {"decoder": 0.1})
+    trainer = Trainer(config, model, _mae_loss(set(), []), loader, tmp_path, RunLogger(tmp_path, {}, enabled=False),
+                      make_accelerator(config), param_groups=groups)
+    trainer.fit()
+    lrs = {group["name"]: group["lr"] for group in trainer.optimizer.param_groups}
+    assert lrs["decay@0.1"] == pytest.approx(0.1 * lrs["decay@1"]) and lrs["decay@1"] > 0
+
+
+def test_validation_every_n_steps_tracks_the_best_metric(train_shards, tmp_path):
+    scores = iter([0.5, 0.9, 0.7])
+    trainer = _trainer(train_shards, tmp_path, _mae_loss(set(), []), max_steps=6, eval_every=2,
+                       best_metric="score", best_mode="max")
+    trainer.evaluate = lambda model: {"score": next(scores)}
+    state = trainer.fit()
+    assert state.best_value == 0.9 and state.best_step == 4
+    logged = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval/score" in line]
+    assert len(logged) == 3
+
+
+def test_stateful_components_travel_in_the_checkpoint(train_shards, tmp_path):
+    class Counter:
+        def __init__(self):
+            self.value = 0
+
+        def state_dict(self):
+            return {"value": self.value}
+
+        def load_state_dict(self, state):
+            self.value = state["value"]
+
+    counter = Counter()
+    trainer = _trainer(train_shards, tmp_path, _mae_loss(set(), []), max_steps=2)
+    trainer.stateful = {"counter": counter}
+    counter.value = 7
+    trainer.fit()
+    again = _trainer(train_shards, tmp_path, _mae_loss(set(), []), max_steps=2)
+    restored = Counter()
+    again.stateful = {"counter": restored}
+    assert again.resume() and restored.value == 7 and again.state.step == 2

@@ -24,7 +24,8 @@ from hsfm_train.data.readers import read_scene
 from hsfm_train.data.scene import Scene
 from hsfm_train.data.shards import INDEX_FILE, ShardBuildConfig, build_shards
 from hsfm_train.io import write_json_atomic
-from hsfm_train.data.synthetic import SyntheticSceneConfig, generate_scene, load_spectral_library, scene_seed
+from hsfm_train.data.synthetic import SyntheticSceneConfig, generate_scene, scene_seed
+from hsfm_train.spectra import load_spectral_library
 from hsfm_train.data.tiling import TilingConfig
 from hsfm_train.errors import ConfigError
 

@@ -25,87 +25,22 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from hsfm_train.data.scene import Scene
 from hsfm_train.data.sensors import preset_names, preset_wavelengths
-from hsfm_train.errors import ConfigError, DataFormatError
+from hsfm_train.errors import ConfigError
+from hsfm_train.spectra import SpectralLibrary, load_spectral_library
 
-LIBRARY_ASSET = "usgs_splib_aviris224.npz"
 URBAN_ABUNDANCE_ASSET = "urban_abundances_end4.npz"
 ABUNDANCE_SOURCES = ("gaussian_field", "urban")
 # Greedy selection scans a whole random permutation of the library per attempt, so a failure after this many
 # attempts means the requested count/angle is (nearly) impossible, not unlucky.
 ENDMEMBER_SELECTION_ATTEMPTS = 10
 NOISE_BLOCK_VALUES = 2**20
-
-
-@dataclass
-class SpectralLibrary:
-    """Reference spectra on a common band grid: spectra [K, B], wavelengths_nm [B], one name per spectrum."""
-
-    spectra: np.ndarray
-    wavelengths_nm: np.ndarray
-    names: list[str]
-    source: str = "unknown"
-
-    def __post_init__(self) -> None:
-        self.spectra = np.ascontiguousarray(self.spectra, dtype=np.float32)
-        self.wavelengths_nm = np.asarray(self.wavelengths_nm, dtype=np.float32).reshape(-1)
-        self.names = [str(name) for name in self.names]
-        where = f"spectral library {self.source}"
-        if self.spectra.ndim != 2 or self.spectra.shape[1] != self.wavelengths_nm.shape[0]:
-            raise DataFormatError(
-                f"{where}: spectra must be [K, B] with B = {self.wavelengths_nm.shape[0]} wavelengths, "
-                f"got {self.spectra.shape}"
-            )
-        if len(self.names) != self.spectra.shape[0]:
-            raise DataFormatError(f"{where}: {len(self.names)} names for {self.spectra.shape[0]} spectra")
-        if not np.isfinite(self.spectra).all():
-            raise DataFormatError(f"{where}: spectra contain non-finite values")
-        if not np.isfinite(self.wavelengths_nm).all() or (self.wavelengths_nm <= 0).any():
-            raise DataFormatError(f"{where}: wavelengths_nm must be positive finite nanometres")
-
-    def __len__(self) -> int:
-        return int(self.spectra.shape[0])
-
-    def resampled(self, target_wavelengths_nm: np.ndarray) -> SpectralLibrary:
-        """The library linearly interpolated onto other band centres (which must lie within its own range)."""
-        target = np.asarray(target_wavelengths_nm, dtype=np.float64).reshape(-1)
-        low, high = float(self.wavelengths_nm.min()), float(self.wavelengths_nm.max())
-        if target.min() < low or target.max() > high:
-            raise ConfigError(
-                f"target_wavelengths_nm spans {target.min():.1f}-{target.max():.1f} nm, outside the range "
-                f"{low:.1f}-{high:.1f} nm of {self.source}; extrapolating reflectance is not supported"
-            )
-        # AVIRIS' spectrometers overlap (two short runs of decreasing wavelength), and np.interp needs
-        # increasing sample points, so interpolate along the sorted grid.
-        order = np.argsort(self.wavelengths_nm, kind="stable")
-        grid = self.wavelengths_nm[order].astype(np.float64)
-        spectra = np.stack([np.interp(target, grid, spectrum[order]) for spectrum in self.spectra])
-        return SpectralLibrary(spectra, target, self.names, source=f"{self.source} resampled to {target.size} bands")
-
-
-def load_spectral_library(path: str | Path | None = None) -> SpectralLibrary:
-    """The packaged USGS library (default) or any npz with ``spectra`` [K, B], ``wavelengths_nm`` [B], ``names`` [K]."""
-    if path is None:
-        resource = resources.files("hsfm_train") / "assets" / LIBRARY_ASSET
-        with resource.open("rb") as handle:
-            return _library_from_npz(handle, f"hsfm_train/assets/{LIBRARY_ASSET}")
-    with open(path, "rb") as handle:
-        return _library_from_npz(handle, str(path))
-
-
-def _library_from_npz(handle: BinaryIO, where: str) -> SpectralLibrary:
-    with np.load(handle, allow_pickle=False) as archive:
-        missing = {"spectra", "wavelengths_nm", "names"} - set(archive.files)
-        if missing:
-            raise DataFormatError(f"{where}: missing key(s) {sorted(missing)}; found {archive.files}")
-        return SpectralLibrary(archive["spectra"], archive["wavelengths_nm"], list(archive["names"]), source=where)
 
 
 # Band-centre grids of sensors that synthetic corpora can imitate (nm). Callables, so nothing is read at import.

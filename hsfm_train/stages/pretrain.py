@@ -27,7 +27,7 @@ from hsfm_train.engine.export import export_model, load_checkpoint_model
 from hsfm_train.engine.logging import reconstruction_figure
 from hsfm_train.engine.trainer import StepResult, TrainerConfig, resolve_accumulation
 from hsfm_train.errors import ConfigError, DataFormatError
-from hsfm_train.models.endmembers import library_endmembers, vca
+from hsfm_train.spectra import library_endmembers, vca
 from hsfm_train.models.mae import ModelConfig
 from hsfm_train.models.registry import DEFAULT_ARCHITECTURE, build_model
 from hsfm_train.objectives.pretrain import ObjectiveConfig, PretrainObjective

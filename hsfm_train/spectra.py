@@ -1,0 +1,138 @@
+"""Spectral utilities every layer shares: the packaged USGS spectral library, and endmember extraction.
+
+Synthetic scenes (``data/synthetic.py``), the LSMM head's starting endmembers (``stages/pretrain.py``) and the
+unmixing baselines all draw on these, so they live below all of them. VCA: Nascimento & Bioucas-Dias, "Vertex
+component analysis", IEEE TGRS 43(4), 2005.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from hsfm_train.errors import ConfigError, DataFormatError
+
+LIBRARY_ASSET = "usgs_splib_aviris224.npz"
+
+
+@dataclass
+class SpectralLibrary:
+    """Reference spectra on a common band grid: spectra [K, B], wavelengths_nm [B], one name per spectrum."""
+
+    spectra: np.ndarray
+    wavelengths_nm: np.ndarray
+    names: list[str]
+    source: str = "unknown"
+
+    def __post_init__(self) -> None:
+        self.spectra = np.ascontiguousarray(self.spectra, dtype=np.float32)
+        self.wavelengths_nm = np.asarray(self.wavelengths_nm, dtype=np.float32).reshape(-1)
+        self.names = [str(name) for name in self.names]
+        where = f"spectral library {self.source}"
+        if self.spectra.ndim != 2 or self.spectra.shape[1] != self.wavelengths_nm.shape[0]:
+            raise DataFormatError(
+                f"{where}: spectra must be [K, B] with B = {self.wavelengths_nm.shape[0]} wavelengths, "
+                f"got {self.spectra.shape}"
+            )
+        if len(self.names) != self.spectra.shape[0]:
+            raise DataFormatError(f"{where}: {len(self.names)} names for {self.spectra.shape[0]} spectra")
+        if not np.isfinite(self.spectra).all():
+            raise DataFormatError(f"{where}: spectra contain non-finite values")
+        if not np.isfinite(self.wavelengths_nm).all() or (self.wavelengths_nm <= 0).any():
+            raise DataFormatError(f"{where}: wavelengths_nm must be positive finite nanometres")
+
+    def __len__(self) -> int:
+        return int(self.spectra.shape[0])
+
+    def resampled(self, target_wavelengths_nm: np.ndarray) -> SpectralLibrary:
+        """The library linearly interpolated onto other band centres (which must lie within its own range)."""
+        target = np.asarray(target_wavelengths_nm, dtype=np.float64).reshape(-1)
+        low, high = float(self.wavelengths_nm.min()), float(self.wavelengths_nm.max())
+        if target.min() < low or target.max() > high:
+            raise ConfigError(
+                f"target_wavelengths_nm spans {target.min():.1f}-{target.max():.1f} nm, outside the range "
+                f"{low:.1f}-{high:.1f} nm of {self.source}; extrapolating reflectance is not supported"
+            )
+        # AVIRIS' spectrometers overlap (two short runs of decreasing wavelength), and np.interp needs
+        # increasing sample points, so interpolate along the sorted grid.
+        order = np.argsort(self.wavelengths_nm, kind="stable")
+        grid = self.wavelengths_nm[order].astype(np.float64)
+        spectra = np.stack([np.interp(target, grid, spectrum[order]) for spectrum in self.spectra])
+        return SpectralLibrary(spectra, target, self.names, source=f"{self.source} resampled to {target.size} bands")
+
+
+def load_spectral_library(path: str | Path | None = None) -> SpectralLibrary:
+    """The packaged USGS library (default) or any npz with ``spectra`` [K, B], ``wavelengths_nm`` [B], ``names`` [K]."""
+    if path is None:
+        resource = resources.files("hsfm_train") / "assets" / LIBRARY_ASSET
+        with resource.open("rb") as handle:
+            return _library_from_npz(handle, f"hsfm_train/assets/{LIBRARY_ASSET}")
+    with open(path, "rb") as handle:
+        return _library_from_npz(handle, str(path))
+
+
+def _library_from_npz(handle: BinaryIO, where: str) -> SpectralLibrary:
+    with np.load(handle, allow_pickle=False) as archive:
+        missing = {"spectra", "wavelengths_nm", "names"} - set(archive.files)
+        if missing:
+            raise DataFormatError(f"{where}: missing key(s) {sorted(missing)}; found {archive.files}")
+        return SpectralLibrary(archive["spectra"], archive["wavelengths_nm"], list(archive["names"]), source=where)
+
+
+
+def library_endmembers(count: int, low_nm: float, high_nm: float) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` mutually most different USGS spectra ([count, B], wavelengths [B]) by farthest-point selection on
+    the spectral angle over the bands in [low_nm, high_nm]; deterministic."""
+    library = load_spectral_library()
+    order = np.argsort(library.wavelengths_nm)
+    wavelengths, spectra = library.wavelengths_nm[order], library.spectra[:, order]
+    inside = (wavelengths >= low_nm) & (wavelengths <= high_nm)
+    unit = spectra[:, inside] / np.linalg.norm(spectra[:, inside], axis=1, keepdims=True)
+    # start from the spectrum farthest from the library's mean shape, then add the one farthest from all chosen
+    mean = unit.mean(axis=0)
+    chosen = [int(np.argmin(unit @ mean / np.linalg.norm(mean)))]
+    closest = unit @ unit[chosen[0]]
+    for _ in range(count - 1):
+        chosen.append(int(np.argmin(closest)))
+        closest = np.maximum(closest, unit @ unit[chosen[-1]])
+    return spectra[chosen], wavelengths
+
+
+def vca(pixels: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Endmembers [count, B] of pixels [P, B] (reflectance) by vertex component analysis."""
+    rng = np.random.default_rng(seed)
+    y = pixels.T.astype(np.float64)  # [B, P]
+    bands, samples = y.shape
+    if samples < count:
+        raise ValueError(f"VCA needs at least {count} pixels, got {samples}")
+    mean = y.mean(axis=1, keepdims=True)
+    centred = y - mean
+    u_sub = np.linalg.svd(centred @ centred.T / samples)[0][:, :count]
+    signal_power = np.sum(y**2) / samples
+    projected_power = np.sum((u_sub.T @ centred) ** 2) / samples + float(np.sum(mean**2))
+    snr = 10 * np.log10(max(projected_power - count / bands * signal_power, 1e-12)
+                        / max(signal_power - projected_power, 1e-12))
+    if snr > 15 + 10 * np.log10(count):  # projective projection onto the count-dimensional signal subspace
+        u = np.linalg.svd(y @ y.T / samples)[0][:, :count]
+        x = u.T @ y
+        scale = x.mean(axis=1) @ x
+        projected = x / np.where(np.abs(scale) > 1e-12, scale, 1e-12)
+    else:  # low SNR: (count - 1)-dimensional subspace plus a constant coordinate
+        u = u_sub[:, : count - 1]
+        x = u.T @ centred
+        lift = np.sqrt(np.max(np.sum(x**2, axis=0)))
+        projected = np.vstack([x, lift * np.ones((1, samples))])
+    basis = np.zeros((count, count))
+    basis[-1, 0] = 1.0
+    indices = []
+    for i in range(count):
+        w = rng.random(count)
+        f = w - basis @ np.linalg.pinv(basis) @ w
+        f /= max(np.linalg.norm(f), 1e-12)
+        index = int(np.argmax(np.abs(f @ projected)))
+        basis[:, i] = projected[:, index]
+        indices.append(index)
+    return pixels[indices].astype(np.float32)
