@@ -134,8 +134,7 @@ def _eval_recon(args: argparse.Namespace) -> int:
     from hsfm_train.stages.eval_recon import EvalConfig, eval_loader, evaluate_reconstruction, format_comparison
 
     model = load_pretrained(args.model)  # an export, a run or a checkpoint directory
-    config = EvalConfig(mask_ratio=args.mask_ratio, seed=args.seed, max_batches=args.max_batches,
-                        batch_size=args.batch_size)
+    config = EvalConfig(mask_ratio=args.mask_ratio, seed=args.seed, max_batches=args.max_batches)
     results = evaluate_reconstruction(model, eval_loader(str(args.shards), args.batch_size), config,
                                       baselines=not args.no_baselines)
     if args.json:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 MICRO = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=32",
          "model.decoder_depth=1", "model.decoder_num_heads=2", "model.spectral_channels=8", "model.spectral_basis=8",
-         "data.train.batch_size=4", "eval.max_batches=1", "eval.batch_size=8", "trainer.wandb=false",
+         "data.train.batch_size=4", "eval.max_batches=1", "data.eval.batch_size=8", "trainer.wandb=false",
          "trainer.progress=false", "trainer.log_every=1", "trainer.figure_every=0", "trainer.optim.warmup_steps=2"]
 
 

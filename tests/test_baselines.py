@@ -19,7 +19,7 @@ from hsfm_train.stages.eval_recon import (EvalConfig, eval_loader, evaluate_reco
 
 MICRO = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
              spectral_channels=8, spectral_basis=8)
-ONE_BATCH = EvalConfig(max_batches=1, batch_size=8)
+ONE_BATCH = EvalConfig(max_batches=1)
 
 
 def _image(n: int = 1, b: int = 3, h: int = 4, w: int = 4) -> torch.Tensor:

@@ -29,3 +29,34 @@ def test_config_mistakes_name_the_key():
         to_dataclass(LoaderConfig, OmegaConf.load(CONFIG_DIR / "loader" / "train.yaml"), "loader/train.yaml")
     with pytest.raises(ConfigError, match="batching must be 'bucket' or 'pad'"):
         to_dataclass(LoaderConfig, {"shards": "x", "batching": "mix"}, "data")
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("group, schema", [("model", "ModelConfig"), ("objective", "ObjectiveConfig"),
+                                           ("trainer", "TrainerConfig"), ("loader", "LoaderConfig")])
+def test_yaml_files_hold_only_deviations_from_the_dataclass_defaults(group, schema):
+    # one source of truth: a default lives in its dataclass; restating it in YAML lets the two drift apart
+    from dataclasses import asdict
+
+    from hsfm_train.data.pipeline import LoaderConfig
+    from hsfm_train.engine.trainer import TrainerConfig
+    from hsfm_train.models.mae import ModelConfig
+    from hsfm_train.objectives.pretrain import ObjectiveConfig
+
+    classes = {"ModelConfig": ModelConfig, "ObjectiveConfig": ObjectiveConfig, "TrainerConfig": TrainerConfig,
+               "LoaderConfig": LoaderConfig}
+    defaults = dict(_leaves(asdict(classes[schema](**({"shards": "x"} if schema == "LoaderConfig" else {})))))
+    for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
+        values = OmegaConf.to_container(OmegaConf.load(path))
+        values.pop("defaults", None)
+        for key, value in _leaves(values or {}):
+            if key == "name" or key not in defaults:
+                continue
+            assert value != defaults[key], f"{path.name}: {key}: {value!r} restates the {schema} default"

@@ -89,3 +89,14 @@ def test_band_set_without_wavelengths_fails_at_startup(tmp_path):
                    f"output_dir={tmp_path / 'run'}"], tmp_path)
     assert result.returncode == 2
     assert "has no wavelengths" in result.stderr and "aviris" in result.stderr.lower()
+
+
+def test_data_eval_configures_the_evaluation_loader(demo_dir, tmp_path):
+    # data.eval.batch_size and data.eval.crop_size used to be ignored (eval.batch_size was read instead)
+    result = _run(["pretrain", *_overrides(demo_dir, tmp_path / "run", "trainer.max_steps=1", "data.eval.batch_size=5",
+                                           "data.eval.crop_size=16")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval"]["trained"]["images"] == 5  # eval.max_batches=1 batch of data.eval.batch_size
+    refused = _run(["pretrain", *_overrides(demo_dir, tmp_path / "other", "data.eval.crop_size=12")], tmp_path)
+    assert refused.returncode == 2 and "tiles of 12 px are not divisible by model.patch_size 8" in refused.stderr

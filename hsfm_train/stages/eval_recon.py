@@ -27,15 +27,12 @@ from hsfm_train.models.mae import MAEOutput, SpectralMAE
 class EvalConfig:
     mask_ratio: float = 0.75
     seed: int = 1234
-    max_batches: int | None = None
-    batch_size: int = 32
+    max_batches: int | None = None  # the loader's settings (batch size, crop, workers) are the data.eval config's
 
     def __post_init__(self) -> None:
         problems = []
         if not 0.0 < self.mask_ratio < 1.0:  # the scores are over masked pixels, and some must stay visible
             problems.append(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_batches is not None and self.max_batches < 1:
             problems.append(f"max_batches must be >= 1 or null, got {self.max_batches}")
         if problems:

@@ -32,7 +32,7 @@ from hsfm_train.models.mae import ModelConfig
 from hsfm_train.models.registry import DEFAULT_ARCHITECTURE, build_model
 from hsfm_train.objectives.pretrain import ObjectiveConfig, PretrainObjective
 from hsfm_train.stages.base import TrainingStage, register_stage
-from hsfm_train.stages.eval_recon import (BASELINES, METRICS, EvalConfig, eval_loader, evaluate_reconstruction,
+from hsfm_train.stages.eval_recon import (BASELINES, METRICS, EvalConfig, evaluate_reconstruction,
                                          losses_to_baselines, masked_forward, reflectance)
 
 
@@ -68,7 +68,8 @@ def load_pretrain_config(overrides: list[str] | None = None) -> PretrainConfig:
     return PretrainStage.load_config(overrides)
 
 
-def band_set_statistics(index: dict[str, Any], where: str, patch_size: int) -> dict[str, Any]:
+def band_set_statistics(index: dict[str, Any], where: str, patch_size: int, crop_size: int | None = None
+                        ) -> dict[str, Any]:
     """Normalisation statistics per band set, checked for what the model needs (wavelengths, tile size)."""
     statistics = {}
     for name, info in index["band_sets"].items():
@@ -79,7 +80,7 @@ def band_set_statistics(index: dict[str, Any], where: str, patch_size: int) -> d
                                   "option wavelengths_nm)")
         statistics[name] = {"bands": info["bands"], "wavelengths_nm": wavelengths,
                             "mean": info.get("mean"), "std": info.get("std")}
-    tile = index.get("build", {}).get("tile_size")
+    tile = crop_size or index.get("build", {}).get("tile_size")
     if tile is not None and tile % patch_size:
         raise ConfigError(f"{where}: tiles of {tile} px are not divisible by model.patch_size {patch_size}; set "
                           "data.train.crop_size / data.eval.crop_size to a multiple of it")
@@ -132,11 +133,17 @@ class PretrainStage(TrainingStage):
         train = config.data.train
         config.trainer.grad_accumulation = resolve_accumulation(config.trainer, train.batch_size,
                                                                 accelerator.num_processes)
-        self.normalization = band_set_statistics(load_index(train.shards), train.shards, config.model.patch_size)
+        self.normalization = band_set_statistics(load_index(train.shards), train.shards, config.model.patch_size,
+                                                 train.crop_size)
         self.loader = StreamingLoader(train, accelerator.process_index, accelerator.num_processes)
         self.has_evaluation = config.data.eval is not None
         if self.has_evaluation:
-            band_set_statistics(load_index(config.data.eval.shards), config.data.eval.shards, config.model.patch_size)
+            evaluation = config.data.eval
+            if evaluation.resampled or evaluation.augment.enabled:
+                raise ConfigError("data.eval must be one pass over every held-out sample: set data.eval.resampled=false "
+                                  "and data.eval.augment.enabled=false")
+            band_set_statistics(load_index(evaluation.shards), evaluation.shards, config.model.patch_size,
+                                evaluation.crop_size)
         self.model = build_model(config.model, config.arch)
         self.objective = PretrainObjective(config.objective)
         self.objective.check_model(self.model)
@@ -147,7 +154,7 @@ class PretrainStage(TrainingStage):
 
     def _evaluation_loader(self) -> StreamingLoader:
         # a finite loader remembers how far it was read, so every evaluation pass gets a fresh one
-        return eval_loader(self.config.data.eval.shards, self.config.eval.batch_size, self.config.data.eval.num_workers)
+        return StreamingLoader(self.config.data.eval)
 
     def step(self, model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepResult:
         out = model(batch["hsi"], batch["wavelengths"], batch["band_mask"], generator=generator)
