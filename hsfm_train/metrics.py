@@ -197,3 +197,34 @@ class ReconstructionMeter:
         if self._count == 0:
             return {key: math.nan for key in self._sums}
         return {key: total / self._count for key, total in self._sums.items()}
+
+
+# ----------------------------------------------------------------------------------------- classification
+
+
+def classification_scores(y_true, y_pred, classes) -> dict:
+    """``{"oa", "aa", "kappa", "confusion"}`` of predicted class labels.
+
+    OA = correct / all (a fraction in [0, 1]); AA = the mean per-class recall over the classes of ``classes``
+    present in ``y_true`` (a class without test pixels has no recall and is left out); kappa = Cohen's kappa
+    (scikit-learn's ``cohen_kappa_score``, unweighted); confusion = ``[len(classes), len(classes)]`` counts,
+    rows = true class, columns = predicted class, in the order of ``classes`` (scikit-learn's
+    ``confusion_matrix``). A prediction outside ``classes`` counts as an error in OA and AA (kappa and the
+    confusion matrix, scikit-learn's, leave such pixels out).
+    """
+    import numpy as np
+    from sklearn.metrics import cohen_kappa_score, confusion_matrix
+
+    y_true, y_pred = np.asarray(y_true).reshape(-1), np.asarray(y_pred).reshape(-1)
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise ValueError(f"y_true and y_pred must be non-empty and of one length; got {y_true.size} and "
+                         f"{y_pred.size}")
+    classes = [c.item() if hasattr(c, "item") else c for c in classes]
+    confusion = confusion_matrix(y_true, y_pred, labels=classes)
+    # recall from the labels themselves, not the confusion rows: a prediction outside ``classes`` is not a row
+    recall = np.array([(y_pred[y_true == c] == c).mean() for c in classes if (y_true == c).any()])
+    oa = float((y_true == y_pred).mean())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kappa = float(cohen_kappa_score(y_true, y_pred, labels=classes))
+    return {"oa": oa, "aa": float(recall.mean()) if recall.size else float("nan"),
+            "kappa": kappa, "confusion": confusion}

@@ -48,7 +48,7 @@ from hsfm_train.errors import ConfigError
 from hsfm_train.io import read_json, write_json_atomic
 from hsfm_train.kernels import set_backend as set_kernel_backend
 
-STAGE_MODULES = ("hsfm_train.stages.pretrain",)
+STAGE_MODULES = ("hsfm_train.stages.pretrain", "hsfm_train.stages.probe")
 _REGISTRY: dict[str, type[Stage]] = {}
 
 

@@ -20,7 +20,7 @@ from hsfm_train.baselines import nearest_visible_fill, visible_mean_fill
 from hsfm_train.data.pipeline import LoaderConfig, StreamingLoader
 from hsfm_train.errors import ConfigError
 from hsfm_train.metrics import _reconstruction_per_image
-from hsfm_train.models.mae import MAEOutput, SpectralMAE
+from hsfm_train.models.mae import MAEOutput
 
 
 @dataclass
@@ -43,7 +43,7 @@ def reflectance(values: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     return values.float() * batch["band_std"][:, :, None, None] + batch["band_mean"][:, :, None, None]
 
 
-def masked_forward(model: SpectralMAE, batch: dict[str, Any], mask_ratio: float, seed: int) -> MAEOutput:
+def masked_forward(model: torch.nn.Module, batch: dict[str, Any], mask_ratio: float, seed: int) -> MAEOutput:
     generator = torch.Generator().manual_seed(seed)
     return model(batch["hsi"], batch["wavelengths"], batch["band_mask"], mask_ratio=mask_ratio, generator=generator,
                  spatial_masking=True)
@@ -90,7 +90,7 @@ class _Scores:
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: SpectralMAE, loader: Any, config: EvalConfig,
+def evaluate_reconstruction(model: torch.nn.Module, loader: Any, config: EvalConfig,
                             device: torch.device | str = "cpu", baselines: bool = True) -> dict[str, Any]:
     """Mean PSNR (dB), SSIM and spectral angle (degrees) of masked reconstructions, per band set and overall.
 
