@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hsfm_train.engine.logging import RunLogger, false_colour, reconstruction_figure
+from hsfm_train.engine.logging import RunLogger
+from hsfm_train.figures import false_colour, reconstruction_figure
 
 
 @pytest.fixture(autouse=True)

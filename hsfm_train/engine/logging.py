@@ -1,5 +1,5 @@
-"""Run logging: W&B (never fatal), a local ``metrics.jsonl`` / ``summary.json`` mirror, progress bars and
-reconstruction figures for hyperspectral images."""
+"""Run logging: W&B (never fatal), a local ``metrics.jsonl`` / ``summary.json`` mirror, and progress bars.
+Figures are drawn in ``hsfm_train/figures.py``."""
 from __future__ import annotations
 
 import json
@@ -12,121 +12,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from hsfm_train.io import write_atomic, write_text_atomic
-
-# Target wavelengths (nm) of the red, green and blue display channels.
-_RGB_NM = (640.0, 550.0, 470.0)
-# Band-index quantiles used when wavelengths cannot pick visible bands (longest wavelength shown as red).
-_FALLBACK_QUANTILES = (5 / 6, 1 / 2, 1 / 6)
-_STRETCH_PERCENTILES = (2.0, 98.0)
-_MASK_GREY = 128
-
-
-def _numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float64)
-    return np.asarray(x, dtype=np.float64)
-
-
-def _rgb_bands(wavelengths: np.ndarray | None, n_bands: int) -> list[int]:
-    """Indices of the bands shown as red, green and blue."""
-    if wavelengths is not None:
-        finite = np.isfinite(wavelengths)
-        # Only pick by wavelength when known bands span the visible range; otherwise "nearest to 640 nm" on a
-        # SWIR-only sensor would show three nearly identical bands.
-        if finite.any() and wavelengths[finite].min() <= 500 and wavelengths[finite].max() >= 600:
-            distance = np.where(finite, wavelengths, np.inf)
-            return [int(np.argmin(np.abs(distance - nm))) for nm in _RGB_NM]
-    if n_bands == 3:
-        return [0, 1, 2]
-    return [int(q * (n_bands - 1) + 0.5) for q in _FALLBACK_QUANTILES]
-
-
-def false_colour(image: Any, wavelengths: Any = None, reference: Any = None) -> np.ndarray:
-    """``[B, H, W]`` image -> ``[H, W, 3]`` uint8 display image.
-
-    Bands nearest 640/550/470 nm when the (finite) wavelengths cover the visible range; otherwise 3-band
-    images are shown as is, 1-band images in grey and others with bands at 5/6, 1/2 and 1/6 of the band
-    index. Each channel is stretched between its 2nd and 98th percentile, taken from ``reference`` (same band
-    layout) when given so an input and its reconstruction are displayed identically. NaN pixels are black.
-    """
-    img = _numpy(image)
-    if img.ndim != 3:
-        raise ValueError(f"false_colour expects a [B, H, W] image; got shape {img.shape}")
-    wl = None if wavelengths is None else _numpy(wavelengths).reshape(-1)
-    if wl is not None and len(wl) != img.shape[0]:
-        raise ValueError(f"{len(wl)} wavelengths for an image of {img.shape[0]} bands")
-    bands = _rgb_bands(wl, img.shape[0])
-    rgb = img[bands]
-    ref = rgb if reference is None else _numpy(reference)[bands]
-    with warnings.catch_warnings():  # an all-NaN reference band is legitimate: it just displays black
-        warnings.simplefilter("ignore", RuntimeWarning)
-        lo, hi = np.nanpercentile(ref.reshape(3, -1), _STRETCH_PERCENTILES, axis=1)
-    lo, hi = np.nan_to_num(lo)[:, None, None], np.nan_to_num(hi)[:, None, None]
-    scaled = np.clip((rgb - lo) / np.maximum(hi - lo, 1e-12), 0.0, 1.0)
-    return np.round(np.nan_to_num(scaled) * 255).astype(np.uint8).transpose(1, 2, 0)
-
-
-def _spread_pixels(mask: np.ndarray, count: int) -> np.ndarray:
-    """``count`` (row, col) pixels evenly spaced, in raster order, over the True pixels of ``mask``
-    (over all pixels when none is True)."""
-    candidates = np.argwhere(mask) if mask.any() else np.argwhere(np.ones_like(mask))
-    count = min(count, len(candidates))
-    picks = ((np.arange(count) + 0.5) * len(candidates) / count).astype(int)
-    return candidates[picks]
-
-
-def reconstruction_figure(path: str | os.PathLike, image: Any, masked_image_mask: Any, reconstruction: Any,
-                          wavelengths: Any = None, title: str = "", pixels: int = 4) -> Path:
-    """Write a PNG with the input, the masked input (masked pixels grey), the reconstruction (same stretch as
-    the input) and the input vs reconstructed spectra of ``pixels`` masked pixels. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img, rec = _numpy(image), _numpy(reconstruction)
-    mask = _numpy(masked_image_mask).astype(bool)
-    if img.ndim != 3 or rec.shape != img.shape or mask.shape != img.shape[1:]:
-        raise ValueError(f"need image and reconstruction [B, H, W] and mask [H, W]; got {img.shape}, "
-                         f"{rec.shape} and {mask.shape}")
-    wl = None if wavelengths is None else _numpy(wavelengths).reshape(-1)
-
-    shown = false_colour(img, wl)
-    masked = shown.copy()
-    masked[mask] = _MASK_GREY
-    points = _spread_pixels(mask, pixels)
-    use_nm = wl is not None and bool(np.isfinite(wl).all())
-    x = wl if use_nm else np.arange(img.shape[0])
-
-    # A bare Figure (no pyplot) is never registered globally, so nothing leaks between calls.
-    fig = Figure(figsize=(16, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1, 1.6]})
-    for ax, panel, name in zip(axes, (shown, masked, false_colour(rec, wl, reference=img)),
-                               ("input", f"masked input ({mask.mean():.0%})", "reconstruction")):
-        ax.imshow(panel, interpolation="nearest")
-        ax.set_title(name)
-        ax.set_axis_off()
-    spectra = axes[3]
-    marker = "." if len(x) <= 20 else None  # dots keep 1-band and multispectral spectra visible
-    for i, (row, col) in enumerate(points):
-        colour = f"C{i}"
-        axes[1].plot(col, row, "o", mfc="none", mec=colour, ms=8)
-        spectra.plot(x, img[:, row, col], color=colour, marker=marker, label=f"input ({row}, {col})")
-        spectra.plot(x, rec[:, row, col], color=colour, marker=marker, linestyle="--", label="reconstruction")
-    spectra.set_xlabel("wavelength (nm)" if use_nm else "band index")
-    spectra.set_ylabel("value")
-    spectra.set_title("spectra of masked pixels" if mask.any() else "spectra (no masked pixel)")
-    if len(points):
-        spectra.legend(fontsize="x-small", ncols=2)
-    if title:
-        fig.suptitle(title)
-
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return path
-
+from hsfm_train.io import write_text_atomic
 
 def _wandb_key_configured() -> bool:
     """True when W&B credentials exist in the environment or the .netrc file (read without network use)."""

@@ -24,7 +24,7 @@ from hsfm_train.data.demo import DemoDataConfig, build_demo_shards
 from hsfm_train.data.pipeline import LoaderConfig, StreamingLoader
 from hsfm_train.data.shards import load_index
 from hsfm_train.engine.export import export_model, load_checkpoint_model
-from hsfm_train.engine.logging import reconstruction_figure
+from hsfm_train.figures import reconstruction_figure
 from hsfm_train.engine.trainer import StepResult, TrainerConfig, resolve_accumulation
 from hsfm_train.errors import ConfigError, DataFormatError
 from hsfm_train.spectra import library_endmembers, vca
