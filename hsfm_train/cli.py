@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     synthetic = build.add_argument_group("synthetic linear-mixing scenes from real library spectra")
     synthetic.add_argument("--synthetic", type=int, default=0, metavar="N", help="add N synthetic scenes")
     synthetic.add_argument("--synthetic-size", type=int, default=64, help="height and width")
-    synthetic.add_argument("--synthetic-grid", default="aviris224", help="band grid name (see synthetic.SENSOR_GRIDS)")
+    synthetic.add_argument("--synthetic-grid", default="aviris224", help="band grid: a synthetic.SENSOR_GRIDS name or a sensor preset (docs/sensors.md)")
     synthetic.add_argument("--synthetic-endmembers", type=int, default=4)
     synthetic.add_argument("--synthetic-snr", type=float, default=30.0, help="dB")
     synthetic.add_argument("--synthetic-abundances", choices=("gaussian_field", "urban"), default="gaussian_field")
@@ -155,10 +155,12 @@ def _scene_sources(args: argparse.Namespace) -> Iterator[Any]:
             options = dict(entry)
             yield from read_scenes(Path(options.pop("path")), **options)
     if args.synthetic:
+        from hsfm_train.data.sensors import preset_names
         from hsfm_train.data.synthetic import SENSOR_GRIDS, SyntheticSceneConfig, generate_scenes
 
-        if args.synthetic_grid not in SENSOR_GRIDS:
-            raise HsfmError(f"--synthetic-grid {args.synthetic_grid!r} is unknown; choose from {sorted(SENSOR_GRIDS)}")
+        grids = sorted([*SENSOR_GRIDS, *preset_names()])
+        if args.synthetic_grid not in grids:
+            raise HsfmError(f"--synthetic-grid {args.synthetic_grid!r} is unknown; choose from {grids}")
         config = SyntheticSceneConfig(
             height=args.synthetic_size,
             width=args.synthetic_size,

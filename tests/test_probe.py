@@ -188,18 +188,22 @@ def test_run_probe_on_indian_pines_writes_the_summary_figures_and_table(micro_ex
     summary = run_probe(config)
 
     on_disk = json.loads((tmp_path / "probe" / "summary.json").read_text())
-    assert on_disk["results"] == json.loads(json.dumps(summary["results"]))
+    assert on_disk["results_by_probe"] == json.loads(json.dumps(summary["results_by_probe"]))
+    assert on_disk["primary_probe"] == "linear"
+    assert on_disk["results"] == {s: by_probe["linear"] for s, by_probe in on_disk["results_by_probe"].items()}
     assert {"scene", "backbone", "results", "config", "normalisation"} <= set(on_disk)
     assert on_disk["normalisation"].endswith("band set indian_pines")  # the export's statistics, not the scene's
     assert set(on_disk["results"]) == {"backbone", "random", "spectra"}
-    for source, by_probe in on_disk["results"].items():
+    assert set(on_disk["results"]["backbone"]["5"]) >= {"oa_mean", "oa_std", "aa_mean", "aa_std", "kappa_mean",
+                                                        "kappa_std"}
+    for source, by_probe in on_disk["results_by_probe"].items():
         assert set(by_probe) == {"linear", "knn"}
         for probe, by_k in by_probe.items():
             entry = by_k["5"]
             assert {"oa_mean", "oa_std", "aa_mean", "aa_std", "kappa_mean", "kappa_std", "oa_per_seed"} <= set(entry)
             assert len(entry["oa_per_seed"]) == 2 and all(0.0 <= v <= 1.0 for v in entry["oa_per_seed"])
             assert 0.0 <= entry["oa_mean"] <= 1.0 and entry["oa_std"] >= 0.0
-    assert on_disk["results"]["spectra"]["linear"]["5"]["oa_mean"] > 3 / 16  # chance is 1/16
+    assert on_disk["results"]["spectra"]["5"]["oa_mean"] > 3 / 16  # chance is 1/16
     assert on_disk["support_seed0"]["5"] == [5] * 16
     for figure in ("confusion", "classification_map"):
         _assert_png(on_disk["figures"][figure])
@@ -225,8 +229,8 @@ def test_run_probe_on_salinas_a_normalises_a_new_band_set_with_its_own_statistic
     assert "own" in summary["normalisation"]
     assert summary["shape"] == [83, 86, 204] and summary["classes"] == [1, 10, 11, 12, 13, 14]
     assert summary["feature_dims"] == {"backbone": 64 + 204, "random": 64 + 204, "spectra": 204}
-    assert all(0.0 <= summary["results"][s]["knn"]["5"]["oa_mean"] <= 1.0 for s in ("backbone", "random", "spectra"))
-    assert summary["results"]["spectra"]["knn"]["5"]["oa_mean"] > 0.5  # 6 classes: chance ~ 1/6
+    assert all(0.0 <= summary["results_by_probe"][s]["knn"]["5"]["oa_mean"] <= 1.0 for s in ("backbone", "random", "spectra"))
+    assert summary["results_by_probe"]["spectra"]["knn"]["5"]["oa_mean"] > 0.5  # 6 classes: chance ~ 1/6
 
 
 def test_run_probe_with_a_random_backbone_and_the_official_split(micro_export, tmp_path):
@@ -240,7 +244,7 @@ def test_run_probe_with_a_random_backbone_and_the_official_split(micro_export, t
     config.data.scene = str(shared_file(INDIAN_PINES))
     summary = run_probe(config)
     assert set(summary["results"]) == {"backbone", "spectra"}  # the backbone is itself the random init
-    assert list(summary["results"]["backbone"]["knn"]) == ["split"]
+    assert list(summary["results_by_probe"]["backbone"]["knn"]) == ["split"]
     assert summary["normalisation"].endswith("band set indian_pines")  # fed as the export it is like
     assert "official split" in format_probe_table(summary)
 

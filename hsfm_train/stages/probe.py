@@ -444,9 +444,10 @@ def probe_summary(config: ProbeConfig) -> dict[str, Any]:
     seed 0, ``output_dir/figures/confusion_*.png`` and ``figures/classification_map_*.png``; return the summary
     (what ``summary.json`` holds; ``format_probe_table`` renders it):
 
-        {"scene", "backbone", "normalisation", "results": {"backbone" | "random" | "spectra":
-            {"linear" | "knn": {"<K>" (or "split"): {"oa_mean", "oa_std", "aa_mean", "aa_std", "kappa_mean",
-            "kappa_std", "oa_per_seed", "aa_per_seed", "kappa_per_seed"}}}}, "config", "classes", "class_pixels",
+        {"scene", "backbone", "normalisation", "primary_probe", "results": {"backbone" | "random" | "spectra":
+            {"<K>" (or "split"): {"oa_mean", "oa_std", "aa_mean", "aa_std", "kappa_mean", "kappa_std",
+            "oa_per_seed", "aa_per_seed", "kappa_per_seed"}}} (the primary probe: linear when run),
+            "results_by_probe": {source: {"linear" | "knn": {"<K>": {...}}}}, "config", "classes", "class_pixels",
             "chance_oa", "feature_dims", "support_seed0", "figures", "notes", "seconds", ...}
 
     OA / AA are fractions; std is the sample std over seeds. "random" is absent for backbone=random (it would
@@ -557,7 +558,11 @@ def probe_summary(config: ProbeConfig) -> dict[str, Any]:
         "feature_dims": {source: int((x[0] if isinstance(x, list) else x).shape[1]) for source, x in features.items()},
         "support_seed0": {k: [int((labels[draws[0][0]] == c).sum()) for c in classes] for k, draws in supports.items()},
         "train_pixels_seed0": int(first.size),
-        "results": results,
+        # the issue's schema: results[source][K] for the primary probe (linear when run); every probe's
+        # results, the primary's included, under results_by_probe[source][probe][K]
+        "primary_probe": figure_probe,
+        "results": {source: by_probe[figure_probe] for source, by_probe in results.items()},
+        "results_by_probe": results,
         "figures": figures,
         "notes": notes,
         "seconds": seconds,
@@ -592,7 +597,7 @@ class ProbeStage(Stage):
 def format_probe_table(summary: dict[str, Any]) -> str:
     """One table per probe (rows = K, columns = backbone / random init / raw spectra, cells "OA mean +- std" in
     percent), then one line per K that says whether the backbone beats both controls or loses to one."""
-    results = summary["results"]
+    results = summary["results_by_probe"]
     seeds = summary.get("config", {}).get("seeds")
     lines = [f"{summary.get('scene_name', summary['scene'])}: backbone {summary['backbone']}",
              f"normalisation: {summary['normalisation']}"]
