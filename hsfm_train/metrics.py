@@ -13,7 +13,9 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 
 _RANGE_FLOOR = 1e-6
@@ -212,7 +214,6 @@ def classification_scores(y_true, y_pred, classes) -> dict:
     ``confusion_matrix``). A prediction outside ``classes`` counts as an error in OA and AA (kappa and the
     confusion matrix, scikit-learn's, leave such pixels out).
     """
-    import numpy as np
     from sklearn.metrics import cohen_kappa_score, confusion_matrix
 
     y_true, y_pred = np.asarray(y_true).reshape(-1), np.asarray(y_pred).reshape(-1)
@@ -228,3 +229,17 @@ def classification_scores(y_true, y_pred, classes) -> dict:
         kappa = float(cohen_kappa_score(y_true, y_pred, labels=classes))
     return {"oa": oa, "aa": float(recall.mean()) if recall.size else float("nan"),
             "kappa": kappa, "confusion": confusion}
+
+
+def effective_rank(features: Any, max_rows: int = 4096) -> float:
+    """Effective rank of a feature matrix [N, F] (Roy & Vetterli 2007): exp of the entropy of its normalised
+    singular values after centring; F for perfectly spread features, 1 for features on one line. At most
+    ``max_rows`` evenly spaced rows are used, enough for a stable value and cheap on large scenes."""
+    x = np.asarray(features, dtype=np.float64)
+    x = x[:: max(1, len(x) // max_rows)]
+    singular = np.linalg.svd(x - x.mean(axis=0), compute_uv=False)
+    if singular.sum() <= 0:
+        return 0.0
+    p = singular / singular.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))

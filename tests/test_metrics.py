@@ -158,3 +158,13 @@ def test_empty_meter_is_nan():
 def test_shape_mismatch_is_reported():
     with pytest.raises(ValueError, match="mask"):
         masked_psnr(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 5, dtype=torch.bool))
+
+
+def test_effective_rank_counts_the_spread_directions():
+    from hsfm_train.metrics import effective_rank
+
+    rng = np.random.default_rng(0)
+    assert abs(effective_rank(rng.normal(size=(2000, 1)) * np.ones((1, 8))) - 1.0) < 1e-6  # all on one line
+    spread = effective_rank(rng.normal(size=(4000, 8)))
+    assert 7.5 < spread <= 8.0  # isotropic: close to the dimension
+    assert effective_rank(np.zeros((10, 4))) == 0.0

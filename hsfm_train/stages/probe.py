@@ -29,7 +29,7 @@ import torch
 
 from hsfm_train.config import CONFIG_DIR, compose, to_dataclass
 from hsfm_train.errors import ConfigError, DataFormatError
-from hsfm_train.metrics import classification_scores
+from hsfm_train.metrics import classification_scores, effective_rank
 from hsfm_train.models.mae import ModelConfig
 from hsfm_train.stages.base import Stage, register_stage
 
@@ -556,6 +556,9 @@ def probe_summary(config: ProbeConfig) -> dict[str, Any]:
         "class_pixels": [int((labels == c).sum()) for c in classes],
         "chance_oa": 1.0 / len(classes),
         "feature_dims": {source: int((x[0] if isinstance(x, list) else x).shape[1]) for source, x in features.items()},
+        # how spread the features are (a collapsed backbone has a low one); the control's first initialisation
+        "feature_effective_rank": {source: effective_rank(x[0] if isinstance(x, list) else x)
+                                   for source, x in features.items()},
         "support_seed0": {k: [int((labels[draws[0][0]] == c).sum()) for c in classes] for k, draws in supports.items()},
         "train_pixels_seed0": int(first.size),
         # the schema: results[source][K] for the primary probe (linear when run); every probe's
