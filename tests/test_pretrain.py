@@ -14,7 +14,7 @@ from tests.runs import MICRO, error_lines, overrides as _overrides, run as _run
 
 def test_export_round_trip_and_encoder_only(demo_dir, tmp_path):
     from hsfm_train import load_pretrained
-    from hsfm_train.stages.pretrain import model_from_checkpoint
+    from hsfm_train.engine.export import load_checkpoint_model
 
     run = tmp_path / "run"
     result = _run(["pretrain", *_overrides(demo_dir, run, "trainer.max_steps=2", "objective=karma",
@@ -24,7 +24,7 @@ def test_export_round_trip_and_encoder_only(demo_dir, tmp_path):
     config = json.loads((run / "export" / "config.json").read_text())
     assert config["model"]["lsmm"]["num_endmembers"] == 8 and config["provenance"]["step"] == 2
     assert set(config["normalization"]) and all(len(s["mean"]) == s["bands"] for s in config["normalization"].values())
-    from_checkpoint, _ = model_from_checkpoint(run)
+    from_checkpoint = load_checkpoint_model(run)
     hsi, wavelengths = torch.randn(2, 156, 32, 32), torch.linspace(400.0, 900.0, 156)
     generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     with torch.no_grad():

@@ -23,7 +23,7 @@ import torch
 from hsfm_train.data.demo import DemoDataConfig, build_demo_shards
 from hsfm_train.data.pipeline import LoaderConfig, StreamingLoader
 from hsfm_train.data.shards import load_index
-from hsfm_train.engine.export import export_model, load_checkpoint_model
+from hsfm_train.engine.export import export_model
 from hsfm_train.figures import reconstruction_figure
 from hsfm_train.engine.trainer import StepResult, TrainerConfig, resolve_accumulation
 from hsfm_train.errors import ConfigError, DataFormatError
@@ -163,7 +163,15 @@ class PretrainStage(TrainingStage):
         return StepResult(loss, parts, samples=samples, tokens=samples * out.token_mask.shape[1] * out.token_mask.shape[2])
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
-        return evaluate_reconstruction(model, self._evaluation_loader(), self.config.eval, self.accelerator.device)
+        # the baselines depend only on the held-out tiles and the fixed masks, not on the weights: score them once
+        cached = getattr(self, "_baseline_scores", None)
+        results = evaluate_reconstruction(model, self._evaluation_loader(), self.config.eval, self.accelerator.device,
+                                          baselines=cached is None)
+        if cached is None:
+            self._baseline_scores = results["baselines"]
+        else:
+            results["baselines"] = cached
+        return results
 
     def figure(self, model: torch.nn.Module, step: int) -> Path | None:
         """A PNG of one fixed held-out tile: input, masked input, reconstruction, spectra of a few masked pixels."""
@@ -213,12 +221,6 @@ class PretrainStage(TrainingStage):
 def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining job; ``output_dir`` is locked for the run's life."""
     return PretrainStage(config).execute()
-
-
-def model_from_checkpoint(source: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model of a run's latest checkpoint (or of one checkpoint directory) and what an export would carry."""
-    model = load_checkpoint_model(source)
-    return model, {**model.export_config, "checkpoint": model.export_config["checkpoint"]}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

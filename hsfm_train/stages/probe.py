@@ -192,7 +192,7 @@ def normalise_for_model(model: torch.nn.Module, cube: np.ndarray, wavelengths: n
         mean, std = scene_statistics(cube)
         return ((cube - mean) / std).astype(np.float32), "the scene's own per-band statistics (the model has none)"
     mean, std, source = normalizer.statistics_for(np.asarray(wavelengths).reshape(-1), cube, band_axis=2)
-    if normalizer.match(wavelengths) is None:
+    if not source.startswith("training statistics"):
         source = "the scene's own per-band statistics (a band set new to the model)"
     return ((cube - mean) / std).astype(np.float32), source
 
@@ -435,7 +435,6 @@ def _evaluate(features: dict[str, np.ndarray], supports: dict[str, list], labels
 def run_probe(config: ProbeConfig) -> dict[str, Any]:
     """Run the probe as ``hsfm probe`` does: ``output_dir`` locked for the run, ``summary.json`` written
     atomically at the end (see :func:`probe_summary` for what it holds); returns the summary."""
-    check_probe_config(config)
     return ProbeStage(config).execute()
 
 
