@@ -107,3 +107,28 @@ def test_shipped_samson_asset_matches_the_shared_scene():
         np.testing.assert_array_equal(scene.endmembers, shared["endmembers"])
         assert scene.endmember_names == list(shared["endmember_names"])
     np.testing.assert_allclose(scene.abundances.sum(axis=2), 1.0, atol=1e-6)
+
+
+def test_real_scenes_join_training_and_their_holdout_rows_join_evaluation(tmp_path):
+    path = shared_file("classification/indian_pines/indian_pines.npz")
+    config = DemoDataConfig(synthetic_scenes=1, holdout_synthetic=1, urban_scenes=1, synthetic_endmembers=[3, 6],
+                            real_scenes=[{"path": str(path), "holdout_rows": 32}])
+    train_dir, eval_dir = build_demo_shards(tmp_path, config)
+    train, held_out = load_index(train_dir), load_index(eval_dir)
+    train_sources = {scene["name"]: scene["source"] for scene in train["scenes"]}
+    eval_sources = {scene["name"]: scene["source"] for scene in held_out["scenes"]}
+    (train_name,) = [name for name in train_sources if name.startswith("indian")]
+    (eval_name,) = [name for name in eval_sources if name.startswith("indian")]
+    assert train_sources[train_name].endswith("rows 0:113") and eval_sources[eval_name].endswith("rows 113:145")
+    assert sum(name.startswith("urban-train") for name in train_sources) == 1  # Urban abundances: training only
+    assert not any(name.startswith("urban") for name in eval_sources)
+    # a changed file is not served from the old build
+    record = json.loads((tmp_path / DEMO_FILE).read_text())
+    assert record["real_files"][0] is not None
+
+
+def test_real_scene_too_small_to_split_is_named(tmp_path):
+    path = shared_file("classification/salinasA/salinasA.npz")
+    with pytest.raises(ConfigError, match="salinasA.npz"):
+        build_demo_shards(tmp_path, DemoDataConfig(synthetic_scenes=0, holdout_synthetic=0,
+                                                   real_scenes=[{"path": str(path), "holdout_rows": 60}]))

@@ -492,3 +492,45 @@ def test_library_endmembers_are_distinct_and_deterministic():
     # farthest-point selection: the first three of five are the three chosen for count=3
     three, _ = library_endmembers(3, 400.0, 2500.0)
     np.testing.assert_array_equal(three, spectra[:3])
+
+
+def test_group_masking_masks_one_whole_group_first_and_keeps_the_budget():
+    count, groups, patches = 64, 2, 16
+    kept, mask, _ = SpectralMAE.random_masking(count, groups, patches, 0.75, _generator(3), torch.device("cpu"),
+                                               group_mask_prob=1.0)
+    per_group = mask.view(count, groups, patches).sum(dim=2)
+    assert kept.shape == (count, 8) and (mask.sum(dim=1) == 24).all()  # the budget is unchanged
+    assert ((per_group == patches).sum(dim=1) == 1).all()  # exactly one group fully masked in every sample
+    assert set(per_group.max(dim=1).indices.tolist()) == {0, 1}  # either group can be the one
+    half = SpectralMAE.random_masking(count, groups, patches, 0.75, _generator(3), torch.device("cpu"),
+                                      group_mask_prob=0.5)[1].view(count, groups, patches).sum(dim=2)
+    whole = int(((half == patches).any(dim=1)).sum())
+    assert 16 < whole < 56  # about half the samples (independent masking almost never masks a whole group)
+    # one group: nothing to predict from, masked as usual
+    single = SpectralMAE.random_masking(4, 1, 16, 0.75, _generator(3), torch.device("cpu"), group_mask_prob=1.0)
+    plain = SpectralMAE.random_masking(4, 1, 16, 0.75, _generator(3), torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(single, plain))
+
+
+def test_group_masking_applies_in_training_only(shared_model):
+    model = SpectralMAE(ModelConfig(group_mask_prob=1.0, patch_size=8))
+    hsi, lam = torch.randn(4, 224, 32, 32), _wavelengths(AVIRIS_NM)
+    model.train()
+    trained = model(hsi, lam, generator=_generator(0)).token_mask.sum(dim=2)
+    assert ((trained == 16).sum(dim=1) == 1).all()
+    model.eval()
+    evaluated = model(hsi, lam, generator=_generator(0), spatial_masking=True).token_mask
+    assert (evaluated[:, 0] == evaluated[:, 1]).all()
+
+
+def test_decoder_features_are_the_unmasked_forward_pass():
+    torch.manual_seed(0)
+    model = SpectralMAE(ModelConfig()).eval()
+    hsi, lam = torch.randn(2, 224, 32, 32), _wavelengths(AVIRIS_NM)
+    features = model.decoder_features(hsi, lam)
+    with torch.no_grad():
+        out = model(hsi, lam, mask_ratio=0.0, generator=_generator(0))
+    assert features.shape == (2, 2 * 16, model.config.decoder_embed_dim)
+    torch.testing.assert_close(features, out.decoder_features.flatten(1, 2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="encoder-only"):
+        SpectralMAE(ModelConfig(), with_decoder=False).decoder_features(hsi, lam)

@@ -205,3 +205,44 @@ def test_urban_source_crops_the_real_urban_maps(library):
 def test_bad_config_values_raise_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
         SyntheticSceneConfig(**overrides)
+
+
+def test_illumination_and_endmember_variability_scale_pixels_but_keep_the_abundances(library):
+    flat = generate_scene(SyntheticSceneConfig(snr_db=None, height=48, width=48), 21, library)
+    shaded = generate_scene(SyntheticSceneConfig(snr_db=None, height=48, width=48, illumination_std=0.3), 21, library)
+    varied = generate_scene(SyntheticSceneConfig(snr_db=None, height=48, width=48, endmember_variability=0.2), 21,
+                            library)
+    np.testing.assert_array_equal(flat.abundances, shaded.abundances)  # ground truth stays the sum-to-one mixture
+    np.testing.assert_array_equal(flat.endmembers, shaded.endmembers)
+    # illumination multiplies each whole spectrum: the spectral shape (angle) is kept, the brightness is not
+    ratio = shaded.cube / np.maximum(flat.cube, 1e-12)
+    per_pixel = ratio.reshape(-1, ratio.shape[-1])
+    assert np.allclose(per_pixel, per_pixel[:, :1], rtol=1e-4, atol=1e-5)
+    brightness = per_pixel[:, 0]
+    assert 0.2 < np.std(np.log(brightness)) < 0.4 and abs(np.mean(brightness) - 1) < 0.15
+    # smooth, not per-pixel noise: neighbours agree far more than distant pixels
+    field = np.log(brightness).reshape(48, 48)
+    assert np.corrcoef(field[:, :-1].ravel(), field[:, 1:].ravel())[0, 1] > 0.9
+    # endmember variability changes spectral shape where materials mix, but not the abundances
+    np.testing.assert_array_equal(flat.abundances, varied.abundances)
+    assert not np.allclose(varied.cube, flat.cube)
+
+
+def test_band_dependent_noise_is_larger_in_bright_bands_at_the_same_total_snr(library):
+    config = dict(height=64, width=64, snr_db=20.0)
+    clean = generate_scene(SyntheticSceneConfig(**config | {"snr_db": None}), 4, library)
+    white = generate_scene(SyntheticSceneConfig(**config), 4, library)
+    shot = generate_scene(SyntheticSceneConfig(**config, noise_model="band_dependent"), 4, library)
+    signal = np.mean(clean.cube.reshape(-1, clean.cube.shape[-1]), axis=0)
+    white_sigma = np.std((white.cube - clean.cube).reshape(-1, signal.size), axis=0)
+    shot_sigma = np.std((shot.cube - clean.cube).reshape(-1, signal.size), axis=0)
+    assert np.std(white_sigma) / np.mean(white_sigma) < 0.05  # one sigma for every band
+    expected = np.sqrt(signal / signal.mean()) * np.sqrt(np.mean(shot_sigma**2))
+    np.testing.assert_allclose(shot_sigma, expected, rtol=0.1)
+    assert np.mean(shot_sigma**2) == pytest.approx(np.mean(white_sigma**2), rel=0.05)  # same total noise power
+
+
+def test_realism_options_reject_impossible_values():
+    for bad in ({"noise_model": "pink"}, {"illumination_std": -0.1}, {"endmember_variability": 1.5}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            SyntheticSceneConfig(**bad)

@@ -5,12 +5,17 @@ baseline. Writes runs/sweeps/<name>/table.md and results.json; a finished varian
 
     python tools/sweep_pretrain.py NAME VARIANT=OVERRIDES [VARIANT=OVERRIDES ...]
     python tools/sweep_pretrain.py masking base= ratio50=model.mask_ratio=0.5 ratio90=model.mask_ratio=0.9
+    python tools/sweep_pretrain.py mix sa@ip=experiment=transfer_ip ip@sa=experiment=transfer_sa
 
-OVERRIDES are comma-separated `hsfm pretrain` overrides (empty: the demo job as it is).
+OVERRIDES are comma-separated `hsfm pretrain` overrides (empty: the demo job as it is; commas inside [] or {}
+do not split). VARIANT@ip or VARIANT@sa probes only that scene: a variant whose pretraining data holds one of
+the two scenes must not be probed on it. Each variant builds its data in its own folder unless it sets
+data.demo_dir. PROBE_EXTRA (environment, comma-separated) adds probe options, e.g. with_spectrum=true.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,12 +23,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "classification"
+SHORT = {"ip": "Indian Pines", "sa": "Salinas-A"}
 SCENES = {
     "Indian Pines": [f"data.scene={DATA / 'indian_pines' / 'indian_pines.npz'}"],
     "Salinas-A": [f"data.scene={DATA / 'salinasA' / 'salinasA.npz'}", "data.reader.sensor_preset=aviris",
                   "data.reader.bands=corrected"],
 }
 PROBE = ["shots=[5,10]", "seeds=10", "probes=[linear]"]
+
+
+def split_overrides(text: str) -> list[str]:
+    """Split on commas outside brackets and braces."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [part for part in [*parts, current] if part]
 
 
 def hsfm(*args: str) -> None:
@@ -34,8 +54,10 @@ def hsfm(*args: str) -> None:
     print(f"  {args[0]} done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def run_variant(sweep: Path, name: str, overrides: list[str]) -> dict:
+def run_variant(sweep: Path, name: str, overrides: list[str], scenes: list[str]) -> dict:
     output = sweep / name
+    if not any(o.startswith("data.demo_dir=") for o in overrides):
+        overrides = [*overrides, f"data.demo_dir={output / 'data'}"]
     started = time.perf_counter()
     hsfm("pretrain", *overrides, f"output_dir={output}", "trainer.wandb=false", "trainer.progress=false")
     seconds = time.perf_counter() - started
@@ -45,10 +67,13 @@ def run_variant(sweep: Path, name: str, overrides: list[str]) -> dict:
            "psnr": trained["psnr"], "sam_deg": trained["sam_deg"],
            "nearest_psnr": trained["baselines"]["nearest_visible"]["psnr"],
            "nearest_sam_deg": trained["baselines"]["nearest_visible"]["sam_deg"], "probe": {}}
-    for scene, options in SCENES.items():
-        probe_dir = output / f"probe-{scene.replace(' ', '-').lower()}"
+    extra = split_overrides(os.environ.get("PROBE_EXTRA", ""))
+    suffix = "".join(f"-{o.replace('=', '-')}" for o in extra)
+    for scene in scenes:
+        options = SCENES[scene]
+        probe_dir = output / f"probe-{scene.replace(' ', '-').lower()}{suffix}"
         if not (probe_dir / "summary.json").exists():
-            hsfm("probe", f"backbone={output / 'export'}", *options, *PROBE, f"output_dir={probe_dir}")
+            hsfm("probe", f"backbone={output / 'export'}", *options, *PROBE, *extra, f"output_dir={probe_dir}")
         results = json.loads((probe_dir / "summary.json").read_text())["results"]
         row["probe"][scene] = {source: {k: (entry["oa_mean"], entry["oa_std"]) for k, entry in by_k.items()}
                                for source, by_k in results.items()}
@@ -65,7 +90,10 @@ def table(rows: list[dict]) -> str:
                  str(row["pretrain_seconds"]), f"{row['psnr']:.2f} / {row['nearest_psnr']:.2f}",
                  f"{row['sam_deg']:.2f} / {row['nearest_sam_deg']:.2f}"]
         for scene in SCENES:
-            probe = row["probe"][scene]
+            probe = row["probe"].get(scene)
+            if probe is None:
+                cells.append("(in the pretraining data)")
+                continue
             cells.append(" / ".join(f"{100 * probe[s]['5'][0]:.1f} +- {100 * probe[s]['5'][1]:.1f}"
                                     for s in ("backbone", "random", "spectra")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -80,8 +108,10 @@ def main(argv: list[str]) -> None:
     rows = []
     for variant in argv[1:]:
         name, _, overrides = variant.partition("=")
+        name, _, only = name.partition("@")
+        scenes = [SHORT[only]] if only else list(SCENES)
         print(f"{name}: {overrides or '(demo)'}", flush=True)
-        rows.append(run_variant(sweep, name, [o for o in overrides.split(",") if o]))
+        rows.append(run_variant(sweep, name, split_overrides(overrides), scenes))
         (sweep / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
         (sweep / "table.md").write_text(table(rows))
     print(table(rows))

@@ -15,7 +15,13 @@ them (the SUnSAL/CLSUnSAL demos used the same USGS library).
   onto another sensor's band centres so corpora with different band counts come from the same materials.
 * Abundances are spatially coherent, like real land cover: one Gaussian random field per endmember pushed through
   a softmax ("gaussian_field"), or Urban's real ground-truth maps, randomly cropped, flipped and rotated ("urban").
-* Noise is white Gaussian at a per-scene sigma chosen from the requested SNR.
+* Noise is Gaussian at the requested SNR: white (one sigma for every band), or "band_dependent", where each
+  band's sigma grows with the square root of its mean signal, as photon noise does, so dark bands (water
+  absorption, the SWIR tail) are noisier relative to their signal than bright ones.
+* Real scenes are not perfectly linear either: ``illumination_std`` multiplies every pixel by a smooth
+  log-normal brightness field (topographic shading, thin cloud), and ``endmember_variability`` scales each
+  material's spectrum per pixel by a smooth field around 1 (the same material brighter or darker from place to
+  place), so a material is a cloud of spectra rather than one point.
 
 Every scene is a deterministic function of (config, seed), so a corpus never has to be stored: scene i of
 ``generate_scenes(config, count, seed)`` is ``generate_scene(config, scene_seed(seed, i))``.
@@ -37,6 +43,7 @@ from hsfm_train.spectra import SpectralLibrary, load_spectral_library
 
 URBAN_ABUNDANCE_ASSET = "urban_abundances_end4.npz"
 ABUNDANCE_SOURCES = ("gaussian_field", "urban")
+NOISE_MODELS = ("white", "band_dependent")
 # Greedy selection scans a whole random permutation of the library per attempt, so a failure after this many
 # attempts means the requested count/angle is (nearly) impossible, not unlucky.
 ENDMEMBER_SELECTION_ATTEMPTS = 10
@@ -92,6 +99,9 @@ class SyntheticSceneConfig:
     target_wavelengths_nm: np.ndarray | str | None = None
     sensor: str | None = None
     name_prefix: str = "synthetic"
+    noise_model: str = "white"
+    illumination_std: float = 0.0  # std of the log-brightness field (0: flat illumination)
+    endmember_variability: float = 0.0  # std of each material's per-pixel scale around 1 (0: fixed spectra)
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "num_endmembers"):
@@ -119,6 +129,12 @@ class SyntheticSceneConfig:
                     f"SyntheticSceneConfig.height/width {self.height}x{self.width} exceed the "
                     f"{urban_height}x{urban_width} Urban abundance maps that abundance_source='urban' crops"
                 )
+        if self.noise_model not in NOISE_MODELS:
+            raise ConfigError(f"SyntheticSceneConfig.noise_model must be one of {NOISE_MODELS}, got {self.noise_model!r}")
+        for name in ("illumination_std", "endmember_variability"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and 0 <= value < 1):
+                raise ConfigError(f"SyntheticSceneConfig.{name} must be in [0, 1), got {value!r}")
         if not (np.isfinite(self.smoothness) and self.smoothness >= 0):
             raise ConfigError(f"SyntheticSceneConfig.smoothness must be >= 0 pixels, got {self.smoothness}")
         if not (np.isfinite(self.temperature) and self.temperature > 0):
@@ -179,14 +195,37 @@ def generate_scene(config: SyntheticSceneConfig, seed: int, library: SpectralLib
         metadata.update(smoothness=config.smoothness, temperature=config.temperature)
 
     pixels = abundances.reshape(-1, config.num_endmembers)
-    cube = (pixels @ endmembers).reshape(config.height, config.width, -1)
+    # per-pixel weights of each endmember spectrum: the abundances, times the material's local scale and the
+    # pixel's illumination (the abundances themselves stay the sum-to-one ground truth)
+    weights = pixels
+    if config.endmember_variability > 0:
+        scale = 1.0 + config.endmember_variability * _smooth_unit_fields(rng, config, config.num_endmembers)
+        weights = weights * np.clip(scale, 0.2, None).reshape(-1, config.num_endmembers)
+    if config.illumination_std > 0:
+        log_brightness = config.illumination_std * _smooth_unit_fields(rng, config, 1)
+        brightness = np.exp(log_brightness - config.illumination_std**2 / 2)  # mean ~1
+        weights = weights * brightness.reshape(-1, 1)
+        metadata["illumination_std"] = config.illumination_std
+    if config.endmember_variability > 0:
+        metadata["endmember_variability"] = config.endmember_variability
+    weights = weights.astype(np.float32)
+    cube = (weights @ endmembers).reshape(config.height, config.width, -1)
     noise_sigma = 0.0
     if config.snr_db is not None:
-        # mean(Y^2) = <A^T A, E E^T> / (N B): exact in float64 from two R x R Gram matrices, no cube-sized copy.
-        pixels64, endmembers64 = pixels.astype(np.float64), endmembers.astype(np.float64)
-        signal_power = float(np.sum((pixels64.T @ pixels64) * (endmembers64 @ endmembers64.T)) / cube.size)
-        noise_sigma = float(np.sqrt(signal_power / 10 ** (config.snr_db / 10)))
-        _add_gaussian_noise(rng, cube, noise_sigma)
+        # mean(Y^2) = <W^T W, E E^T> / (N B): exact in float64 from two R x R Gram matrices, no cube-sized copy.
+        weights64, endmembers64 = weights.astype(np.float64), endmembers.astype(np.float64)
+        signal_power = float(np.sum((weights64.T @ weights64) * (endmembers64 @ endmembers64.T)) / cube.size)
+        noise_power = signal_power / 10 ** (config.snr_db / 10)
+        if config.noise_model == "white":
+            noise_sigma = float(np.sqrt(noise_power))
+            _add_gaussian_noise(rng, cube, noise_sigma)
+        else:
+            # sigma_b^2 proportional to the band's mean signal, scaled so the total noise power is the same
+            band_mean = np.abs(weights64.mean(axis=0) @ endmembers64)
+            sigma = np.sqrt(noise_power * band_mean / max(float(band_mean.mean()), 1e-12))
+            _add_gaussian_noise(rng, cube, sigma.astype(np.float32))
+            noise_sigma = float(np.sqrt(np.mean(sigma**2)))  # RMS over bands
+        metadata["noise_model"] = config.noise_model
     metadata["noise_sigma"] = noise_sigma
 
     return Scene(
@@ -230,15 +269,16 @@ def _choose_endmembers(
     )
 
 
-def _add_gaussian_noise(rng: np.random.Generator, cube: np.ndarray, sigma: float) -> None:
-    """Add N(0, sigma^2) noise in place, in blocks of rows so large scenes need only ~4 MB more memory."""
+def _add_gaussian_noise(rng: np.random.Generator, cube: np.ndarray, sigma: float | np.ndarray) -> None:
+    """Add N(0, sigma^2) noise in place (sigma a scalar or one per band), in blocks of rows so large scenes need
+    only ~4 MB more memory."""
     rows_per_block = max(1, NOISE_BLOCK_VALUES // (cube.shape[1] * cube.shape[2]))
     buffer = np.empty((rows_per_block, *cube.shape[1:]), dtype=np.float32)
     for start in range(0, cube.shape[0], rows_per_block):
         block = cube[start : start + rows_per_block]
         noise = buffer[: block.shape[0]]
         rng.standard_normal(dtype=np.float32, out=noise)
-        noise *= np.float32(sigma)
+        noise *= np.asarray(sigma, dtype=np.float32)
         block += noise
 
 
@@ -252,6 +292,17 @@ def _gaussian_field_abundances(rng: np.random.Generator, config: SyntheticSceneC
     logits = fields / config.temperature
     weights = np.exp(logits - logits.max(axis=2, keepdims=True))
     return (weights / weights.sum(axis=2, keepdims=True)).astype(np.float32)
+
+
+def _smooth_unit_fields(rng: np.random.Generator, config: SyntheticSceneConfig, count: int) -> np.ndarray:
+    """[H, W, count] smooth Gaussian random fields at the scene's length scale (at least 2 px), each set to mean
+    0 and std 1 over the scene, so the configured std is what the scene shows (a long length scale on a small
+    scene would otherwise leave almost no variation inside it)."""
+    smoothness = max(2.0, config.smoothness)
+    noise = rng.standard_normal((config.height, config.width, count))
+    fields = gaussian_filter(noise, sigma=(smoothness, smoothness, 0))
+    fields -= fields.mean(axis=(0, 1), keepdims=True)
+    return fields / np.maximum(fields.std(axis=(0, 1), keepdims=True), 1e-12)
 
 
 def _filtered_noise_std(smoothness: float) -> float:

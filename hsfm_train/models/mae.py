@@ -50,6 +50,9 @@ class ModelConfig:
     spectral_basis: int = 32  # K' spectral basis vectors the decoder predicts per pixel
     group_edges_nm: list[float] = field(default_factory=lambda: [1000.0, 100000.0])  # VNIR | SWIR | microwave
     mask_ratio: float = 0.75
+    # chance per training sample that one whole spectral group is masked first (all its patches), so that group
+    # must be predicted from the others (samples with one group are masked as usual)
+    group_mask_prob: float = 0.0
     drop_path: float = 0.0
     lsmm: LSMMConfig = field(default_factory=LSMMConfig)
 
@@ -67,6 +70,8 @@ class ModelConfig:
                 problems.append(f"{where} {dim} must be divisible by 4 (2-D sin-cos positions)")
         if not 0.0 <= self.mask_ratio < 1.0:
             problems.append(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.group_mask_prob <= 1.0:
+            problems.append(f"group_mask_prob must be in [0, 1], got {self.group_mask_prob}")
         if sorted(self.group_edges_nm) != list(self.group_edges_nm):
             problems.append(f"group_edges_nm must increase, got {self.group_edges_nm}")
         if self.lsmm.resolution not in ("patch", "pixel"):
@@ -172,11 +177,14 @@ class SpectralMAE(nn.Module):
 
     @staticmethod
     def random_masking(count: int, groups: int, patches: int, ratio: float, generator: torch.Generator | None,
-                       device: torch.device, spatial: bool = False
+                       device: torch.device, spatial: bool = False, group_mask_prob: float = 0.0
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample random masking by argsort of uniform noise over the G*P tokens: (kept ids, mask [N, G*P]
         True = masked, restore order). Groups are masked independently (training); ``spatial`` masks whole
-        patches across all groups (evaluation: a masked pixel has no band left visible)."""
+        patches across all groups (evaluation: a masked pixel has no band left visible). With
+        ``group_mask_prob``, a sample (with G >= 2) has one random group's tokens pushed to the front of the
+        masking order, so that group is masked entirely whenever the ratio allows (0.75 of 2 groups: all of one,
+        half of the other); the token count per sample stays the same."""
         tokens = groups * patches
         source = generator.device if generator is not None else device
         if spatial:
@@ -186,11 +194,38 @@ class SpectralMAE(nn.Module):
         else:
             keep = min(tokens, max(1, int(tokens * (1 - ratio))))
             noise = torch.rand(count, tokens, generator=generator, device=source)
+            if group_mask_prob > 0 and groups > 1:
+                chosen = torch.randint(groups, (count, 1), generator=generator, device=source)
+                hit = torch.rand(count, 1, generator=generator, device=source) < group_mask_prob
+                group_of_token = torch.arange(groups, device=source).repeat_interleave(patches)[None]
+                noise = noise + ((group_of_token == chosen) & hit).float()  # sorted last: masked first
         shuffle = noise.to(device).argsort(dim=1, stable=True)
         restore = shuffle.argsort(dim=1)
         mask = torch.ones(count, tokens, dtype=torch.bool, device=device)
         mask[:, :keep] = False
         return shuffle[:, :keep], mask.gather(1, restore), restore
+
+    def _decoder(self, cls: torch.Tensor, tokens: torch.Tensor, present: torch.Tensor, grid: tuple[int, int]
+                 ) -> torch.Tensor:
+        """Decoder tokens [N, G, P, Dd] (after decoder_embed, mask tokens in place) -> features [N, G, P, Dd]."""
+        n, groups, patches, dim = tokens.shape
+        tokens = tokens + sincos_2d(dim, *grid, tokens.device) + self.decoder_group_embed[present][:, None, :]
+        x = torch.cat([cls, tokens.flatten(1, 2)], dim=1)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_norm(x)[:, 1:].view(n, groups, patches, dim)
+
+    def decoder_features(self, hsi: torch.Tensor, wavelengths: torch.Tensor, band_mask: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """The decoder's features of every token with nothing masked: [N, G*P, Dd] (group-major, like encode's
+        patch tokens), a read-out at the decoder's level for downstream probes."""
+        if not self.with_decoder:
+            raise RuntimeError("this backbone was loaded encoder-only: it has no decoder features")
+        tokens, _, present, _ = self._tokens(hsi, wavelengths, band_mask)
+        n, groups, patches, _ = tokens.shape
+        y = self.decoder_embed(self._encoder(tokens.flatten(1, 2)))
+        grid = (hsi.shape[-2] // self.config.patch_size, hsi.shape[-1] // self.config.patch_size)
+        return self._decoder(y[:, :1], y[:, 1:].view(n, groups, patches, -1), present, grid).flatten(1, 2)
 
     # ---------------------------------------------------------------------------------------------- forward
 
@@ -203,7 +238,9 @@ class SpectralMAE(nn.Module):
         tokens, membership, present, wavelengths = self._tokens(hsi, wavelengths, band_mask)
         n, groups, patches, dim = tokens.shape
         flat = tokens.flatten(1, 2)
-        kept, mask, restore = self.random_masking(n, groups, patches, ratio, generator, hsi.device, spatial_masking)
+        group_mask_prob = 0.0 if (spatial_masking or not self.training) else self.config.group_mask_prob
+        kept, mask, restore = self.random_masking(n, groups, patches, ratio, generator, hsi.device, spatial_masking,
+                                                  group_mask_prob)
         visible = flat.gather(1, kept.unsqueeze(-1).expand(-1, -1, dim))
         latent = self._encoder(visible)
 
@@ -212,13 +249,7 @@ class SpectralMAE(nn.Module):
         y_tokens = torch.cat([y[:, 1:], self.mask_token.expand(n, masked_count, -1)], dim=1)
         y_tokens = y_tokens.gather(1, restore.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
         rows, cols = hsi.shape[-2] // self.config.patch_size, hsi.shape[-1] // self.config.patch_size
-        y_tokens = y_tokens.view(n, groups, patches, -1)
-        y_tokens = (y_tokens + sincos_2d(y.shape[-1], rows, cols, hsi.device)
-                    + self.decoder_group_embed[present][:, None, :])
-        x = torch.cat([y[:, :1], y_tokens.flatten(1, 2)], dim=1)
-        for block in self.decoder_blocks:
-            x = block(x)
-        features = self.decoder_norm(x)[:, 1:].view(n, groups, patches, -1)
+        features = self._decoder(y[:, :1], y_tokens.view(n, groups, patches, -1), present, (rows, cols))
 
         prediction = self.decoder_head(features, wavelengths, membership, present, (rows, cols))
         abundances = self.lsmm.abundances(features.mean(dim=1)) if self.lsmm is not None else None

@@ -199,6 +199,7 @@ def run_training(stage: TrainingStage) -> dict[str, Any]:
                           evaluate=_main_process_only(stage.evaluate, accelerator) if stage.has_evaluation else None,
                           figure_fn=stage.figure, run_metadata=stage.run_metadata(), stateful=stage.stateful())
         resumed_at = trainer.state.step if trainer.resume() else None
+        stage.train_state = trainer.state  # read-only for the stage: schedules that depend on the step
         if accelerator.is_main_process:
             logger.rewind(trainer.state.step)  # the steps after the checkpoint are logged again
         _say_start(resumed_at, trainer, config, output, accelerator)

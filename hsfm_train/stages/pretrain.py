@@ -158,7 +158,9 @@ class PretrainStage(TrainingStage):
 
     def step(self, model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepResult:
         out = model(batch["hsi"], batch["wavelengths"], batch["band_mask"], generator=generator)
-        loss, parts = self.objective(self.accelerator.unwrap_model(model), out, batch)
+        state = getattr(self, "train_state", None)
+        loss, parts = self.objective(self.accelerator.unwrap_model(model), out, batch,
+                                     step=state.step if state is not None else None)
         samples = batch["hsi"].shape[0]
         return StepResult(loss, parts, samples=samples, tokens=samples * out.token_mask.shape[1] * out.token_mask.shape[2])
 

@@ -34,6 +34,7 @@ from hsfm_train.models.mae import ModelConfig
 from hsfm_train.stages.base import Stage, register_stage
 
 PROBES = ("linear", "knn")
+READOUTS = ("encoder", "decoder")
 SOURCES = ("backbone", "random", "spectra")
 SOURCE_TITLES = {"backbone": "backbone", "random": "random init", "spectra": "raw spectra"}
 SPLIT_KEY = "split"  # the K entry of the results when an official train/test split replaces K-shot sampling
@@ -56,6 +57,7 @@ class ProbeConfig:
     probes: list[str] = field(default_factory=lambda: list(PROBES))
     knn_k: int = 5
     with_spectrum: bool = False  # append the pixel's own normalised spectrum to its token feature
+    readout: str = "encoder"  # "encoder": patch tokens of the encoder; "decoder": the decoder's, nothing masked
     controls: bool = True  # also the random-init control and the raw-spectra baseline
     split: str | None = None  # a label map of training pixels (.mat / .npz) replacing K-shot sampling
     split_key: str | None = None  # the array in the split file when it holds several
@@ -96,6 +98,8 @@ def check_probe_config(config: ProbeConfig) -> None:
         problems.append(f"shots must be positive pixel counts per class, got {config.shots}")
     if config.seeds < 1:
         problems.append(f"seeds must be >= 1, got {config.seeds}")
+    if config.readout not in READOUTS:
+        problems.append(f"readout must be one of {list(READOUTS)}, got {config.readout!r}")
     if config.knn_k < 1:
         problems.append(f"knn_k must be >= 1, got {config.knn_k}")
     if config.tile_overlap < 0 or config.tile_overlap >= config.tile_size:
@@ -116,14 +120,15 @@ def check_probe_config(config: ProbeConfig) -> None:
 # ------------------------------------------------------------------------------------------------- models
 
 
-def random_model(model_config: Any, seed: int, arch: str = "spectral-mae") -> torch.nn.Module:
-    """The encoder of architecture ``arch`` with ``model_config``, freshly initialised from ``seed`` (the global
-    RNG is left as it was)."""
+def random_model(model_config: Any, seed: int, arch: str = "spectral-mae", with_decoder: bool = False
+                 ) -> torch.nn.Module:
+    """The encoder (or, ``with_decoder``, the whole model) of architecture ``arch`` with ``model_config``,
+    freshly initialised from ``seed`` (the global RNG is left as it was)."""
     from hsfm_train.models.registry import build_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(model_config, arch, with_decoder=False)
+        model = build_model(model_config, arch, with_decoder=with_decoder)
     return model.eval()
 
 
@@ -140,17 +145,21 @@ def load_backbone(config: ProbeConfig) -> tuple[torch.nn.Module, dict[str, Any] 
     from hsfm_train.models.registry import DEFAULT_ARCHITECTURE
     from hsfm_train.models.registry import model_config as registry_model_config
 
+    decoder = config.readout == "decoder"
     if config.backbone != "random":
         model = load_pretrained(config.backbone)
+        if decoder and not getattr(model, "with_decoder", False):
+            raise ConfigError(f"readout=decoder needs a backbone exported with its decoder; {config.backbone} is "
+                              "encoder-only")
         return model, model.export_config.get("normalization") or {}, str(config.backbone)
     if config.random_like is not None:
         export = read_export_config(config.random_like)
         arch = export.get("arch", DEFAULT_ARCHITECTURE)
         model_config = registry_model_config(arch, export["model"], f"{config.random_like} model")
         # the control of an export is fed exactly as the export would be
-        return (random_model(model_config, config.seed, arch), export.get("normalization") or {},
+        return (random_model(model_config, config.seed, arch, decoder), export.get("normalization") or {},
                 f"random init (seed {config.seed}) like {config.random_like}")
-    return (random_model(preset_model_config(config.random_model), config.seed), None,
+    return (random_model(preset_model_config(config.random_model), config.seed, with_decoder=decoder), None,
             f"random init (seed {config.seed}) of model preset {config.random_model!r}")
 
 
@@ -210,7 +219,8 @@ def _tile_offsets(size: int, tile: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def pixel_features(model: torch.nn.Module, cube_normalised: np.ndarray, wavelengths: np.ndarray,
-                   with_spectrum: bool = False, tile_size: int = 256, tile_overlap: int = 64) -> np.ndarray:
+                   with_spectrum: bool = False, tile_size: int = 256, tile_overlap: int = 64,
+                   readout: str = "encoder") -> np.ndarray:
     """Per-pixel features ``[H*W, F]`` (float32, raster order) of a normalised cube ``[H, W, B]``.
 
     H and W are reflect-padded up to a multiple of the patch size p; the encoder sees the whole image (or, when
@@ -219,16 +229,17 @@ def pixel_features(model: torch.nn.Module, cube_normalised: np.ndarray, waveleng
     groups are concatenated on channels (F = G*D, G = the groups this band set has: the model makes tokens only
     for groups with bands, so there are no placeholder tokens to drop), upsampled bilinearly
     (align_corners=False: each token sits at its patch centre) to pixels and cropped to H, W.
-    ``with_spectrum`` appends the pixel's own normalised spectrum (F += B)."""
+    ``with_spectrum`` appends the pixel's own normalised spectrum (F += B). ``readout="decoder"`` takes the
+    decoder's token features (nothing masked) instead of the encoder's (F = G*Dd)."""
     was_training = model.training
     model.eval()
     try:
-        return _pixel_features(model, cube_normalised, wavelengths, with_spectrum, tile_size, tile_overlap)
+        return _pixel_features(model, cube_normalised, wavelengths, with_spectrum, tile_size, tile_overlap, readout)
     finally:
         model.train(was_training)
 
 
-def _pixel_features(model, cube, wavelengths, with_spectrum, tile_size, tile_overlap) -> np.ndarray:
+def _pixel_features(model, cube, wavelengths, with_spectrum, tile_size, tile_overlap, readout) -> np.ndarray:
     cube = np.asarray(cube, dtype=np.float32)
     if cube.ndim != 3:
         raise DataFormatError(f"pixel_features needs a cube [H, W, B], got shape {cube.shape}")
@@ -249,7 +260,10 @@ def _pixel_features(model, cube, wavelengths, with_spectrum, tile_size, tile_ove
         for c0 in _tile_offsets(cols, tile, stride):
             tr, tc = min(tile, rows), min(tile, cols)
             piece = hsi[..., r0 * p:(r0 + tr) * p, c0 * p:(c0 + tc) * p]
-            tokens = model.encode(piece, lam)[0, 1:]  # [G*P, D]: group-major, patches in raster order
+            if readout == "decoder":
+                tokens = model.decoder_features(piece, lam)[0]  # [G*P, Dd]
+            else:
+                tokens = model.encode(piece, lam)[0, 1:]  # [G*P, D]: group-major, patches in raster order
             groups = tokens.shape[0] // (tr * tc)
             if groups * tr * tc != tokens.shape[0]:
                 raise RuntimeError(f"{tokens.shape[0]} patch tokens do not tile a {tr}x{tc} patch grid")
@@ -478,7 +492,7 @@ def probe_summary(config: ProbeConfig) -> dict[str, Any]:
 
     def extract(model: torch.nn.Module) -> np.ndarray:
         return pixel_features(model.to(device), cube, scene.wavelengths_nm, config.with_spectrum, config.tile_size,
-                              config.tile_overlap)
+                              config.tile_overlap, config.readout)
 
     tick = time.perf_counter()
     features["backbone"] = extract(backbone)
@@ -489,7 +503,8 @@ def probe_summary(config: ProbeConfig) -> dict[str, Any]:
         tick = time.perf_counter()
         arch = architecture_of(backbone)
         draws = 1 if config.split is not None else config.seeds
-        features["random"] = [extract(random_model(backbone.config, config.seed + seed, arch)) for seed in range(draws)]
+        features["random"] = [extract(random_model(backbone.config, config.seed + seed, arch,
+                                                   config.readout == "decoder")) for seed in range(draws)]
         seconds["features_random"] = time.perf_counter() - tick
     elif config.controls:
         notes.append("no separate random-init control: the backbone is itself a random initialisation")
