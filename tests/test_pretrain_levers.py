@@ -114,3 +114,20 @@ def test_real_stride_tiles_real_scenes_more_densely_and_leaves_synthetic_ones(tm
     assert json.loads(json.dumps(dense["band_sets"]))  # one band set per sensor still
     with pytest.raises(ConfigError, match="real_stride"):
         DemoDataConfig(real_stride=5)
+
+
+def test_resampling_a_real_scene_interpolates_linearly_and_makes_nothing_up_in_its_gaps():
+    from hsfm_train.data.demo import resample_scene
+    from hsfm_train.data.scene import Scene
+
+    wavelengths = np.r_[np.arange(400.0, 1300.0, 10.0), np.arange(1500.0, 2500.0, 10.0)].astype(np.float32)
+    cube = np.broadcast_to(0.1 + wavelengths / 5000.0, (4, 5, wavelengths.size)).astype(np.float32)  # linear
+    scene = Scene(name="ramp", cube=cube.copy(), wavelengths_nm=wavelengths, sensor="lab", source="test")
+    resampled = resample_scene(scene, "enmap")
+    target = resampled.wavelengths_nm
+    assert resampled.sensor == "lab-as-enmap" and resampled.cube.shape[:2] == (4, 5)
+    assert not ((target > 1290.0) & (target < 1500.0)).any()  # the 1300-1490 nm gap stays empty
+    assert target.min() >= 400.0 and target.max() <= 2490.0
+    np.testing.assert_allclose(resampled.cube[0, 0], 0.1 + target / 5000.0, rtol=1e-5)
+    with pytest.raises(ConfigError, match="cannot resample"):
+        resample_scene(scene, "sentinel1_c")

@@ -51,6 +51,9 @@ class RealSceneConfig:
     path: str = "???"  # a scene file (relative paths: from the working directory)
     reader: dict[str, Any] = field(default_factory=dict)  # read_scene options, e.g. sensor_preset, bands
     holdout_rows: int = 0  # bottom rows moved to the held-out set (0: training only)
+    # extra training copies resampled onto these sensor grids (SENSOR_GRIDS or sensor preset names): the same
+    # real surfaces seen through other band sets, for a wavelength-conditioned tokenizer
+    resample_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -156,6 +159,7 @@ def build_demo_shards(
                               f"{entry.holdout_rows} held out; each part needs at least tile_size "
                               f"{config.tile_size} rows")
         train_scenes.append(_crop_rows(scene, 0, keep, f"{scene.name}-train"))
+        train_scenes += [resample_scene(train_scenes[-1], grid) for grid in entry.resample_to]
         if entry.holdout_rows:
             eval_scenes.append(_crop_rows(scene, keep, rows, f"{scene.name}-holdout"))
     train_seeds = [scene_seed(config.seed, i) for i in range(config.synthetic_scenes)]
@@ -195,6 +199,35 @@ def _crop_rows(scene: Scene, start: int, stop: int, name: str) -> Scene:
     return dataclasses.replace(
         scene, name=name, source=f"{scene.source} rows {start}:{stop}", metadata=dict(scene.metadata), **cropped
     )
+
+
+def resample_scene(scene: Scene, grid: str) -> Scene:
+    """The scene's cube linearly interpolated onto the band centres of ``grid`` that fall inside its own range
+    and outside its gaps (a sensor's narrow bands sampled as another's; no spectral response convolution)."""
+    import numpy as np
+
+    from hsfm_train.data.synthetic import sensor_grid
+
+    source = np.asarray(scene.wavelengths_nm, dtype=np.float64)
+    order = np.argsort(source, kind="stable")
+    source, cube = source[order], scene.cube[..., order]
+    target = sensor_grid(grid).astype(np.float64)
+    target = np.sort(target[(target >= source[0]) & (target <= source[-1])])
+    # no values made up inside gaps of the source (removed water-absorption bands)
+    spacing = np.diff(source)
+    gap = spacing > 2.5 * np.median(spacing)
+    inside = np.clip(np.searchsorted(source, target) - 1, 0, spacing.size - 1)
+    target = target[~gap[inside] | np.isin(target, source)]
+    if target.size < 2:
+        raise ConfigError(f"cannot resample {scene.name} ({source[0]:.0f}-{source[-1]:.0f} nm) onto {grid}: fewer "
+                          "than 2 of its bands fall in that range")
+    right = np.clip(np.searchsorted(source, target), 1, source.size - 1)
+    left = right - 1
+    weight = ((target - source[left]) / np.maximum(source[right] - source[left], 1e-9)).astype(np.float32)
+    resampled = cube[..., left] * (1 - weight) + cube[..., right] * weight
+    return dataclasses.replace(scene, name=f"{scene.name}-as-{grid}", cube=resampled,
+                               wavelengths_nm=target.astype(np.float32), sensor=f"{scene.sensor}-as-{grid}",
+                               source=f"{scene.source} resampled onto {grid}", metadata=dict(scene.metadata))
 
 
 def _denser_tiling(scene: Scene, config: DemoDataConfig) -> list[Scene]:
