@@ -60,7 +60,11 @@ def run_variant(sweep: Path, name: str, overrides: list[str], scenes: list[str])
         overrides = [*overrides, f"data.demo_dir={output / 'data'}"]
     started = time.perf_counter()
     hsfm("pretrain", *overrides, f"output_dir={output}", "trainer.wandb=false", "trainer.progress=false")
-    seconds = time.perf_counter() - started
+    # the first run's wall time is the one to report: a rerun of a finished variant only re-evaluates
+    timing = output / "sweep_seconds.json"
+    if not timing.exists():
+        timing.write_text(json.dumps({"pretrain_seconds": time.perf_counter() - started}) + "\n")
+    seconds = json.loads(timing.read_text())["pretrain_seconds"]
     summary = json.loads((output / "summary.json").read_text())
     trained = summary["eval"]["trained"]
     row = {"variant": name, "overrides": overrides, "pretrain_seconds": round(seconds),

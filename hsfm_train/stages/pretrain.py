@@ -87,9 +87,27 @@ def band_set_statistics(index: dict[str, Any], where: str, patch_size: int, crop
     return statistics
 
 
+def _changed_from_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` (nested dicts included) that differ from ``defaults``."""
+    changed = {}
+    for key, value in values.items():
+        default = defaults.get(key, object())
+        if isinstance(value, dict) and isinstance(default, dict):
+            nested = _changed_from_default(value, default)
+            if nested:
+                changed[key] = nested
+        elif value != default:
+            changed[key] = value
+    return changed
+
+
 def fingerprint(config: PretrainConfig) -> str:
-    """What a checkpoint must share with the run that resumes it: architecture, objective, data, batch."""
-    payload = {"model": asdict(config.model), "objective": asdict(config.objective),
+    """What a checkpoint must share with the run that resumes it: architecture, objective, data, batch. Model
+    and objective settings count where they differ from their defaults, so an option added by an upgrade (at a
+    default that keeps the old behaviour) does not stop a run from resuming."""
+    model = _changed_from_default(asdict(config.model), asdict(ModelConfig()))
+    objective = _changed_from_default(asdict(config.objective), asdict(ObjectiveConfig()))
+    payload = {"model": model, "objective": objective,
                "train_shards": str(Path(config.data.train.shards).resolve()), "seed": config.seed,
                "batch": config.data.train.batch_size}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
