@@ -1,7 +1,8 @@
 """Short pretraining sweeps judged downstream: each variant is one `hsfm pretrain` run (the demo job with some
 overrides), then `hsfm probe` of its export on Indian Pines and Salinas-A (neither is in the pretraining data),
 beside the random-init control and the raw spectra, plus its masked reconstruction beside the nearest-visible
-baseline. Writes runs/sweeps/<name>/table.md and results.json; a finished variant is not rerun (each run resumes).
+baseline. Writes runs/sweeps/<name>/table.md and results.json; a finished variant (summary and export written)
+is not rerun, an interrupted one resumes.
 
     python tools/sweep_pretrain.py NAME VARIANT=OVERRIDES [VARIANT=OVERRIDES ...]
     python tools/sweep_pretrain.py masking base= ratio50=model.mask_ratio=0.5 ratio90=model.mask_ratio=0.9
@@ -10,7 +11,8 @@ baseline. Writes runs/sweeps/<name>/table.md and results.json; a finished varian
 OVERRIDES are comma-separated `hsfm pretrain` overrides (empty: the demo job as it is; commas inside [] or {}
 do not split). VARIANT@ip or VARIANT@sa probes only that scene: a variant whose pretraining data holds one of
 the two scenes must not be probed on it. Each variant builds its data in its own folder unless it sets
-data.demo_dir. PROBE_EXTRA (environment, comma-separated) adds probe options, e.g. with_spectrum=true.
+data.demo_dir. PROBE_EXTRA (environment, comma-separated) adds probe options, e.g. with_spectrum=true; its
+tables are written beside the plain ones (table-with_spectrum-true.md).
 """
 from __future__ import annotations
 
@@ -59,7 +61,9 @@ def run_variant(sweep: Path, name: str, overrides: list[str], scenes: list[str])
     if not any(o.startswith("data.demo_dir=") for o in overrides):
         overrides = [*overrides, f"data.demo_dir={output / 'data'}"]
     started = time.perf_counter()
-    hsfm("pretrain", *overrides, f"output_dir={output}", "trainer.wandb=false", "trainer.progress=false")
+    finished = (output / "summary.json").exists() and (output / "export" / "config.json").exists()
+    if not finished:
+        hsfm("pretrain", *overrides, f"output_dir={output}", "trainer.wandb=false", "trainer.progress=false")
     # the first run's wall time is the one to report: a rerun of a finished variant only re-evaluates
     timing = output / "sweep_seconds.json"
     if not timing.exists():
@@ -90,7 +94,8 @@ def table(rows: list[dict]) -> str:
         header += [f"{scene} K=5: backbone / random / spectra"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["variant"], " ".join(f"`{o}`" for o in row["overrides"]) or "(demo)",
+        shown = [o for o in row["overrides"] if not o.startswith("data.demo_dir=/")]  # the tool's own folder
+        cells = [row["variant"], " ".join(f"`{o}`" for o in shown) or "(demo)",
                  str(row["pretrain_seconds"]), f"{row['psnr']:.2f} / {row['nearest_psnr']:.2f}",
                  f"{row['sam_deg']:.2f} / {row['nearest_sam_deg']:.2f}"]
         for scene in SCENES:
@@ -116,8 +121,9 @@ def main(argv: list[str]) -> None:
         scenes = [SHORT[only]] if only else list(SCENES)
         print(f"{name}: {overrides or '(demo)'}", flush=True)
         rows.append(run_variant(sweep, name, split_overrides(overrides), scenes))
-        (sweep / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (sweep / "table.md").write_text(table(rows))
+        tag = "".join(f"-{o.replace('=', '-')}" for o in split_overrides(os.environ.get("PROBE_EXTRA", "")))
+        (sweep / f"results{tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (sweep / f"table{tag}.md").write_text(table(rows))
     print(table(rows))
 
 
