@@ -5,10 +5,14 @@ GPU (CUDA): times with ``triton.testing.do_bench`` (median ms), peak memory per 
   PyTorch (the reference) vs ``torch.compile`` of the reference; achieved GB/s of the full step counted as the
   minimum traffic (read prediction + target, write the gradient in the forward; read + write it in the backward)
   against the device's memory bandwidth.
+* grouped SAM, images [N, B, H, W] with spectral groups, as the pretraining objective calls it (normalised
+  images, the per-band affine map to reflectance folded in): the grouped kernel vs the grouped PyTorch reference
+  vs the per-group masked row copies that the objective built before, full step, same GB/s count.
 * selective scan: the Triton scan vs the sequential reference and the parallel PyTorch scan (and the mamba-ssm
   CUDA kernel when ``mamba_ssm`` is importable), forward + backward, across sequence lengths and state sizes.
 CPU: plain timing (median of repeats): SAM eager vs ``torch.compile`` (the Triton kernel needs a GPU; the
-interpreter is for correctness only), and the parallel scan vs the sequential one.
+interpreter is for correctness only), grouped SAM reference vs per-group row copies, and the parallel scan vs the
+sequential one.
 
     python benchmarks/bench_kernels.py            # everything the device supports
     python benchmarks/bench_kernels.py --quick    # small sizes, a smoke run
@@ -26,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from hsfm_train.kernels.sam_loss import spectral_angle_reference
+from hsfm_train.kernels.sam_loss import grouped_spectral_angle_reference, spectral_angle_reference
 
 # HBM bandwidth in GB/s for the roofline (vendor figures)
 BANDWIDTH_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
@@ -39,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="CPU timing repeats (default 10, quick 3)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build on CPU)")
     parser.add_argument("--json", default=None, help="write every number to this file")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads on CPU (default: torch's; 1 is steadier on a busy machine)")
     return parser.parse_args()
 
 
@@ -139,6 +145,71 @@ def bench_sam(device: torch.device, args: argparse.Namespace, measure, results: 
                       f"{total:8.3f} {gbps:8.1f} {roofline:>8s} {speedup:>8s} {memory:>8s}")
 
 
+def per_group_row_copies(prediction, target, membership, weight, scale, offset):
+    """What the objective computed before the grouped implementations: reflectance images, then per group copies
+    with the other bands zeroed, permuted to rows [N*H*W, B] and concatenated."""
+    prediction = prediction.float() * scale[:, :, None, None] + offset[:, :, None, None]
+    target = target * scale[:, :, None, None] + offset[:, :, None, None]
+    predicted, true = [], []
+    for group in range(membership.shape[2]):
+        member = membership[..., group].float()[:, :, None, None]
+        predicted.append((prediction * member).permute(0, 2, 3, 1).reshape(-1, prediction.shape[1]))
+        true.append((target * member).permute(0, 2, 3, 1).reshape(-1, target.shape[1]))
+    return spectral_angle_reference(torch.cat(predicted), torch.cat(true), weight.transpose(0, 1).flatten())
+
+
+def bench_grouped_sam(device: torch.device, args: argparse.Namespace, measure, results: dict) -> None:
+    cuda = device.type == "cuda"
+    # (batch, bands, tile): bench_pretrain.py's default step, then a larger one
+    shapes = [(16, 224, 32), (64, 224, 64)] if cuda else [(16, 224, 32)]
+    if args.quick:
+        shapes = shapes[:1]
+    variants: dict[str, Callable] = {"reference": grouped_spectral_angle_reference}
+    if cuda:
+        from hsfm_train.kernels.sam_triton import fused_grouped_spectral_angle
+
+        variants = {"fused triton": fused_grouped_spectral_angle, **variants}
+    print("\ngrouped SAM loss, normalised images with the affine map folded in, 2 groups, full step (fwd + bwd)")
+    print(f"{'N x B x H x W':>20s} {'variant':>15s} {'full ms':>8s} {'GB/s':>8s} {'vs rows':>8s} {'peak MB':>8s}")
+    for n, bands, tile in shapes:
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        target = torch.randn(n, bands, tile, tile, generator=generator).to(device)
+        base = target + 0.3 * torch.randn(n, bands, tile, tile, generator=generator).to(device)
+        scale = (0.05 + 0.1 * torch.rand(n, bands, generator=generator)).to(device)
+        offset = (0.2 + 0.3 * torch.rand(n, bands, generator=generator)).to(device)
+        membership = torch.zeros(n, bands, 2, dtype=torch.bool, device=device)
+        membership[:, : bands // 2, 0] = True
+        membership[:, bands // 2:, 1] = True
+        weight = (torch.rand(n, 2, tile, tile, generator=generator) > 0.25).float().to(device)
+        traffic = 5 * target.numel() * target.element_size()
+        calls = {name: (lambda p, f=function: f(p, target, membership, weight, "mean", scale=scale, offset=offset))
+                 for name, function in variants.items()}
+        calls["per-group rows"] = lambda p: per_group_row_copies(p, target, membership, weight, scale, offset)
+        rows = []
+        for name, call in calls.items():
+            prediction = base.clone().requires_grad_(True)
+
+            def full():
+                call(prediction).backward()
+                prediction.grad = None
+
+            try:
+                total = measure(full)
+            except Exception as error:  # noqa: BLE001
+                print(f"{n:>4d} x {bands} x {tile} x {tile} {name:>15s}  failed: {error}")
+                continue
+            rows.append({"batch": n, "bands": bands, "tile": tile, "variant": name, "full_ms": total,
+                         "gbps": traffic / (total * 1e-3) / 1e9, "peak_mb": peak_mb(cuda, full)})
+        baseline = next((row["full_ms"] for row in rows if row["variant"] == "per-group rows"), None)
+        for row in rows:
+            row["vs_rows"] = baseline / row["full_ms"] if baseline else None
+            speedup = f"{row['vs_rows']:.2f}x" if row["vs_rows"] else "-"
+            memory = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+            print(f"{n:>4d} x {bands} x {tile} x {tile} {row['variant']:>15s} {row['full_ms']:8.3f} "
+                  f"{row['gbps']:8.1f} {speedup:>8s} {memory:>8s}")
+        results["grouped_sam"] += rows
+
+
 def bench_scan(device: torch.device, args: argparse.Namespace, measure, results: dict) -> None:
     from hsfm_train.kernels import selective_scan as scan
 
@@ -198,14 +269,17 @@ def bench_scan(device: torch.device, args: argparse.Namespace, measure, results:
 
 def main() -> int:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     repeats = args.repeats or (3 if args.quick else 10)
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"device: {device.type} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    results: dict[str, Any] = {"device": name, "torch": torch.__version__, "sam": [], "scan": []}
+    results: dict[str, Any] = {"device": name, "torch": torch.__version__, "sam": [], "grouped_sam": [], "scan": []}
     measure = timer(device.type == "cuda", repeats)
     bench_sam(device, args, measure, results)
+    bench_grouped_sam(device, args, measure, results)
     bench_scan(device, args, measure, results)
     if args.json:
         with open(args.json, "w") as handle:

@@ -6,7 +6,9 @@ never imports triton: the Triton modules are loaded on first use, so CPU-only co
 
 Dispatch (one entry point per kernel, the only one the rest of the project calls):
 
-    spectral_angle_loss(...)   CUDA: the fused Triton kernel (sam_triton.py); CPU: the PyTorch reference
+    spectral_angle_loss(...)          rows [N, B]. CUDA: the fused Triton kernel (sam_triton.py); CPU: the
+                                      PyTorch reference (sam_loss.py)
+    grouped_spectral_angle_loss(...)  images [N, B, H, W] with spectral groups; the same choice
     selective_scan_fn(...)     CUDA: the chunked Triton scan; CPU: the parallel (log-depth) PyTorch scan
 
 ``HSFM_KERNELS=reference`` (or ``set_backend("reference")``) forces the PyTorch references everywhere (the
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from hsfm_train.kernels.sam_loss import spectral_angle_reference
+from hsfm_train.kernels.sam_loss import grouped_spectral_angle_reference, spectral_angle_reference
 
 BACKENDS = ("auto", "reference", "triton")
 _override: str | None = None
@@ -51,6 +53,20 @@ def spectral_angle_loss(prediction, target, weight=None, reduction="mean", eps=1
 
         return fused_spectral_angle(prediction, target, weight, reduction, eps)
     return spectral_angle_reference(prediction, target, weight, reduction, eps)
+
+
+def grouped_spectral_angle_loss(prediction, target, membership, weight=None, reduction="mean", eps=1e-8,
+                                scale=None, offset=None):
+    """Spectral angle (radians) per (sample, group, pixel) of images [N, B, H, W], each group's bands only;
+    membership [N, B, G] bool, weight [N, G, H, W], optional per-band affine map ``x * scale + offset`` [N, B]
+    applied first. See ``grouped_spectral_angle_reference`` in sam_loss.py.
+
+    As ``spectral_angle_loss``: the fused kernel differentiates ``prediction`` only, the reference everything."""
+    if backend_for(prediction) == "triton":
+        from hsfm_train.kernels.sam_triton import fused_grouped_spectral_angle
+
+        return fused_grouped_spectral_angle(prediction, target, membership, weight, reduction, eps, scale, offset)
+    return grouped_spectral_angle_reference(prediction, target, membership, weight, reduction, eps, scale, offset)
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

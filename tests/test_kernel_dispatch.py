@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -38,6 +39,42 @@ def test_spectral_angle_entry_point_is_the_reference_on_cpu():
     prediction, target = torch.rand(8, 30, generator=generator), torch.rand(8, 30, generator=generator)
     assert torch.equal(kernels.spectral_angle_loss(prediction, target),
                        kernels.spectral_angle_reference(prediction, target))
+
+
+def test_grouped_spectral_angle_entry_point_is_the_grouped_reference_on_cpu():
+    generator = torch.Generator().manual_seed(0)
+    prediction, target = torch.rand(2, 6, 2, 3, generator=generator), torch.rand(2, 6, 2, 3, generator=generator)
+    membership = torch.zeros(2, 6, 2, dtype=torch.bool)
+    membership[:, :3, 0] = membership[:, 3:5, 1] = True
+    weight = torch.rand(2, 2, 2, 3, generator=generator)
+    assert torch.equal(kernels.grouped_spectral_angle_loss(prediction, target, membership, weight),
+                       kernels.grouped_spectral_angle_reference(prediction, target, membership, weight))
+
+
+@pytest.mark.parametrize("backend,expected", [("auto", "reference"), ("reference", "reference"),
+                                              ("triton", "triton")])
+def test_row_and_grouped_spectral_angle_are_routed_alike(monkeypatch, backend, expected):
+    """Both entry points follow backend_for: a stand-in Triton module (no triton import, no GPU) records calls."""
+    calls = []
+    fake = types.ModuleType("hsfm_train.kernels.sam_triton")
+    fake.fused_spectral_angle = lambda *args: calls.append(("triton", "rows", args)) or torch.tensor(0.0)
+    fake.fused_grouped_spectral_angle = lambda *args: calls.append(("triton", "grouped", args)) or torch.tensor(0.0)
+    monkeypatch.setitem(sys.modules, "hsfm_train.kernels.sam_triton", fake)
+    monkeypatch.setattr(kernels, "spectral_angle_reference",
+                        lambda *args: calls.append(("reference", "rows", args)) or torch.tensor(0.0))
+    monkeypatch.setattr(kernels, "grouped_spectral_angle_reference",
+                        lambda *args: calls.append(("reference", "grouped", args)) or torch.tensor(0.0))
+    monkeypatch.setenv("HSFM_KERNELS", backend)
+    rows = torch.rand(4, 5)
+    kernels.spectral_angle_loss(rows, rows, None, "sum", 1e-6)
+    images, membership = torch.rand(1, 5, 2, 2), torch.ones(1, 5, 1, dtype=torch.bool)
+    scale, offset, weight = torch.ones(1, 5), torch.zeros(1, 5), torch.ones(1, 1, 2, 2)
+    kernels.grouped_spectral_angle_loss(images, images, membership, weight, "none", 1e-6, scale, offset)
+    assert [call[:2] for call in calls] == [(expected, "rows"), (expected, "grouped")]
+    assert calls[0][2][2:] == (None, "sum", 1e-6)
+    grouped_args = calls[1][2]
+    assert grouped_args[2] is membership and grouped_args[3] is weight and grouped_args[4:6] == ("none", 1e-6)
+    assert grouped_args[6] is scale and grouped_args[7] is offset
 
 
 def test_selective_scan_entry_point_survives_the_submodule_import(monkeypatch):

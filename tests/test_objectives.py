@@ -1,6 +1,7 @@
 """The pretraining objective and its terms against hand computations: the spectral-angle reference (values,
-reductions, closed-form gradients, degenerate rows, low precision), the per-token masked reconstruction losses,
-the per-group spectral angle, KARMA's LSMM physics term on an exactly mixed scene, and the weighted sum."""
+reductions, closed-form gradients, degenerate rows, low precision), the grouped spectral-angle reference against
+the per-group row construction it replaces, the per-token masked reconstruction losses, the per-group spectral
+angle, KARMA's LSMM physics term on an exactly mixed scene, and the weighted sum."""
 from __future__ import annotations
 
 import math
@@ -11,8 +12,8 @@ import torch
 import yaml
 
 from hsfm_train.errors import ConfigError
-from hsfm_train.kernels import spectral_angle_loss
-from hsfm_train.kernels.sam_loss import spectral_angle_reference
+from hsfm_train.kernels import grouped_spectral_angle_loss, spectral_angle_loss
+from hsfm_train.kernels.sam_loss import grouped_spectral_angle_reference, spectral_angle_reference
 from hsfm_train.spectra import library_endmembers
 from hsfm_train.models.mae import LSMMConfig, MAEOutput, ModelConfig, SpectralMAE
 from hsfm_train.objectives.pretrain import ObjectiveConfig, PretrainObjective
@@ -139,6 +140,164 @@ def test_dispatcher_equals_the_reference_on_cpu(reduction):
     weight = (torch.rand(10, generator=generator) > 0.3).float()
     torch.testing.assert_close(spectral_angle_loss(prediction, target, weight, reduction),
                                spectral_angle_reference(prediction, target, weight, reduction), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- grouped spectral angle
+
+CLOSE = {"rtol": 1e-5, "atol": 1e-6}  # the same sums in another order: float rounding only
+
+
+def per_group_rows(prediction, target, membership, weight, reduction="mean"):
+    """The construction the grouped reference replaces: per group, copies of the images with the other bands
+    zeroed, as rows [N*H*W, B], concatenated over groups and scored by the row reference."""
+    bands, groups = prediction.shape[1], membership.shape[2]
+    predicted, true, weights = [], [], []
+    for group in range(groups):
+        member = membership[..., group].to(prediction.dtype)[:, :, None, None]
+        predicted.append((prediction * member).permute(0, 2, 3, 1).reshape(-1, bands))
+        true.append((target * member).permute(0, 2, 3, 1).reshape(-1, bands))
+        weights.append(weight[:, group].flatten())
+    result = spectral_angle_reference(torch.cat(predicted), torch.cat(true), torch.cat(weights), reduction)
+    if reduction == "none":  # rows are group-major: back to [N, G, H, W]
+        n, _, h, w = prediction.shape
+        result = result.view(groups, n, h, w).transpose(0, 1)
+    return result
+
+
+def grouped_case(seed: int, groups: int):
+    """Two samples of 14 bands (12 real, 2 padded with garbage) in 2 or 3 groups of >= 4 bands, interleaved in
+    sample 0 and contiguous in sample 1, on 4 x 5 pixels; one pixel with a zero prediction in one group, one with a
+    zero target, one with prediction = target in one group; weights in [0, 2) with zeros among them."""
+    generator = _generator(seed)
+    n, bands, height, width = 2, 14, 4, 5
+    ids = torch.full((n, bands), -1)
+    ids[0, :12] = torch.arange(12) % groups
+    ids[1, :12] = torch.arange(12) * groups // 12
+    membership = torch.stack([ids == group for group in range(groups)], dim=2)
+    prediction = torch.rand(n, bands, height, width, generator=generator) + 0.05
+    target = torch.rand(n, bands, height, width, generator=generator) + 0.05  # generic angles, away from the clamp
+    prediction[:, 12:] = 1e3  # padded bands: in no group, never scored
+    target[:, 12:] = -1e3
+    prediction[0, ids[0] == 1, 1, 1] = 0.0
+    target[1, ids[1] == 0, 2, 3] = 0.0
+    target[0, ids[0] == groups - 1, 3, 0] = prediction[0, ids[0] == groups - 1, 3, 0]
+    weight = 2 * torch.rand(n, groups, height, width, generator=generator)
+    weight[torch.rand(weight.shape, generator=generator) < 0.2] = 0.0
+    return prediction, target, membership, weight
+
+
+def _values_and_grads(function, prediction, target, grad_output=None, **kwargs):
+    """(value, d/d prediction, d/d target) of function(prediction, target, **kwargs)."""
+    p, t = prediction.clone().requires_grad_(True), target.clone().requires_grad_(True)
+    value = function(p, t, **kwargs)
+    seed = torch.ones_like(value) if grad_output is None else grad_output
+    grad_p, grad_t = torch.autograd.grad(value, (p, t), seed)
+    return value.detach(), grad_p, grad_t
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_grouped_reference_equals_the_per_group_rows(groups, reduction):
+    prediction, target, membership, weight = grouped_case(groups, groups)
+    grad_output = None
+    if reduction == "none":
+        grad_output = torch.rand(weight.shape, generator=_generator(30)) + 0.5
+    grouped = _values_and_grads(grouped_spectral_angle_reference, prediction, target, grad_output,
+                                membership=membership, weight=weight, reduction=reduction)
+    rows = _values_and_grads(per_group_rows, prediction, target, grad_output, membership=membership,
+                             weight=weight, reduction=reduction)
+    for mine, theirs in zip(grouped, rows):
+        assert mine.shape == theirs.shape
+        torch.testing.assert_close(mine, theirs, **CLOSE)
+    if reduction == "none":
+        angles = grouped[0]
+        assert angles[0, 1, 1, 1] == 0 and angles[1, 0, 2, 3] == 0  # zero-norm pixels: no angle
+        assert 0 <= angles[0, groups - 1, 3, 0] < 2 * PARALLEL_FLOOR  # identical (weights < 2)
+        assert (angles[weight == 0] == 0).all() and (angles > 0.05).float().mean() > 0.5
+    # padded bands get no gradient; zero-norm and identical pixels neither (undefined; clamped)
+    for grad in grouped[1:]:
+        assert (grad[:, 12:] == 0).all() and grad.abs().sum() > 0
+    assert (grouped[1][0, membership[0, :, 1], 1, 1] == 0).all()
+    assert (grouped[1][0, membership[0, :, groups - 1], 3, 0] == 0).all()
+
+
+def test_grouped_reference_scores_each_group_over_its_own_bands():
+    """Swapping the group assignment of two bands changes the result; all bands in one group is the row angle
+    over all real bands; an unweighted call counts every defined (sample, group, pixel) once."""
+    prediction, target, membership, weight = grouped_case(0, 2)
+    value = grouped_spectral_angle_reference(prediction, target, membership, weight)
+    swapped = membership.clone()
+    swapped[0, [0, 1]] = membership[0, [1, 0]]
+    assert abs(grouped_spectral_angle_reference(prediction, target, swapped, weight).item() - value.item()) > 1e-4
+    one_group = membership.any(dim=2, keepdim=True)
+    rows_p = prediction[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
+    rows_t = target[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
+    torch.testing.assert_close(grouped_spectral_angle_reference(prediction, target, one_group, reduction="none"),
+                               spectral_angle_reference(rows_p, rows_t, reduction="none").view(2, 1, 4, 5), **CLOSE)
+    torch.testing.assert_close(grouped_spectral_angle_reference(prediction, target, membership),
+                               per_group_rows(prediction, target, membership, torch.ones_like(weight)), **CLOSE)
+
+
+def test_grouped_reference_applies_the_affine_map_first():
+    """scale / offset [N, B]: the angle of prediction * scale + offset against target * scale + offset, with
+    the gradient through the map."""
+    prediction, target, membership, weight = grouped_case(4, 3)
+    generator = _generator(31)
+    scale, offset = 0.05 + torch.rand(2, 14, generator=generator), torch.rand(2, 14, generator=generator)
+    grouped = _values_and_grads(grouped_spectral_angle_reference, prediction, target, membership=membership,
+                                weight=weight, scale=scale, offset=offset)
+
+    def mapped_rows(p, t, **kwargs):
+        return per_group_rows(p * scale[:, :, None, None] + offset[:, :, None, None],
+                              t * scale[:, :, None, None] + offset[:, :, None, None], **kwargs)
+
+    rows = _values_and_grads(mapped_rows, prediction, target, membership=membership, weight=weight)
+    for mine, theirs in zip(grouped, rows):
+        torch.testing.assert_close(mine, theirs, **CLOSE)
+    unmapped = grouped_spectral_angle_reference(prediction, target, membership, weight)
+    assert abs(unmapped.item() - grouped[0].item()) > 1e-3
+    # scale alone, offset alone
+    torch.testing.assert_close(
+        grouped_spectral_angle_reference(prediction, target, membership, weight, scale=scale),
+        per_group_rows(prediction * scale[:, :, None, None], target * scale[:, :, None, None], membership, weight),
+        **CLOSE)
+    torch.testing.assert_close(
+        grouped_spectral_angle_reference(prediction, target, membership, weight, offset=offset),
+        per_group_rows(prediction + offset[:, :, None, None], target + offset[:, :, None, None], membership,
+                       weight), **CLOSE)
+
+
+def test_grouped_reference_degenerate_inputs_give_zero_not_nan():
+    prediction, target, membership, weight = grouped_case(5, 2)
+    assert grouped_spectral_angle_reference(prediction, target, membership, torch.zeros_like(weight)).item() == 0
+    leaf = torch.zeros_like(prediction, requires_grad=True)
+    loss = grouped_spectral_angle_reference(leaf, target, membership, weight)
+    loss.backward()
+    assert loss.item() == 0 and (leaf.grad == 0).all()
+    nobody = torch.zeros_like(membership)
+    assert grouped_spectral_angle_reference(prediction, target, nobody, weight).item() == 0
+    with pytest.raises(ValueError, match="membership"):
+        grouped_spectral_angle_reference(prediction, target, membership.float(), weight)
+    in_two_groups = membership.clone()
+    in_two_groups[1, 0] = True
+    with pytest.raises(ValueError, match="at most one group"):
+        grouped_spectral_angle_reference(prediction, target, in_two_groups, weight)
+    with pytest.raises(ValueError, match="weight"):
+        grouped_spectral_angle_reference(prediction, target, membership, weight[:, :1])
+    with pytest.raises(ValueError, match="scale"):
+        grouped_spectral_angle_reference(prediction, target, membership, weight, scale=torch.ones(2, 13))
+    with pytest.raises(ValueError, match="expected two"):
+        grouped_spectral_angle_reference(prediction[0], target[0], membership, weight)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_grouped_dispatcher_equals_the_grouped_reference_on_cpu(reduction):
+    prediction, target, membership, weight = grouped_case(6, 3)
+    scale = torch.rand(2, 14, generator=_generator(32)) + 0.5
+    torch.testing.assert_close(
+        grouped_spectral_angle_loss(prediction, target, membership, weight, reduction, scale=scale),
+        grouped_spectral_angle_reference(prediction, target, membership, weight, reduction, scale=scale),
+        rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------- model outputs
@@ -331,6 +490,62 @@ def test_masked_spectral_angle_is_a_known_rotation_per_group(model):
                - loss.item()) > 1e-3
 
 
+def per_group_copies_spectral_angle(out: MAEOutput, prediction, target, band_mask):
+    """The per-group construction masked_spectral_angle replaced (reflectance in): per group, copies of the images
+    with the other bands zeroed, as rows, concatenated, with the masked tokens' pixels as row weights."""
+    rows, cols = out.grid
+    p = out.patch_size
+    predicted, true, weights = [], [], []
+    for slot in range(out.present.numel()):
+        member = (out.membership[..., int(out.present[slot])] & band_mask).to(prediction.dtype)[:, :, None, None]
+        predicted.append((prediction * member).permute(0, 2, 3, 1).reshape(-1, prediction.shape[1]))
+        true.append((target * member).permute(0, 2, 3, 1).reshape(-1, target.shape[1]))
+        pixels = out.token_mask[:, slot].view(-1, rows, cols).repeat_interleave(p, 1).repeat_interleave(p, 2)
+        weights.append(pixels.flatten().float())
+    return spectral_angle_reference(torch.cat(predicted), torch.cat(true), torch.cat(weights))
+
+
+@pytest.mark.parametrize("case", ["padded", "mixed-band-sets", "band-mask-only"])
+def test_masked_spectral_angle_equals_the_per_group_copies(model, case):
+    """The term, from normalised images with band_mean / band_std, equals the old construction on reflectance
+    copies: value and gradient with respect to the prediction. "band-mask-only": the membership also claims the
+    padded bands, so only band_mask keeps them out."""
+    batch = _batch()
+    if case == "mixed-band-sets":
+        batch["band_mask"][0, 5:] = False
+        batch["wavelengths"][0, 5:] = float("nan")
+        batch["hsi"][0, 5:] = 0.0
+    out = _forward(model, batch)
+    assert out.present.numel() == 2
+    if case == "band-mask-only":
+        out.membership = out.membership.clone()
+        out.membership[:, REAL:, int(out.present[1])] = True
+    mean, std = batch["band_mean"][:, :, None, None], batch["band_std"][:, :, None, None]
+    prediction = out.prediction.detach().clone()
+    prediction[:, REAL:] = 50.0  # padded bands: never scored
+
+    def old(p):
+        return per_group_copies_spectral_angle(out, p * std + mean, batch["hsi"] * std + mean, batch["band_mask"])
+
+    def new(p):
+        return masked_spectral_angle(out, p, batch["hsi"], batch["band_mask"], batch["band_mean"],
+                                     batch["band_std"])
+
+    values, grads = [], []
+    for function in (new, old):
+        leaf = prediction.clone().requires_grad_(True)
+        value = function(leaf)
+        value.backward()
+        values.append(value.detach())
+        grads.append(leaf.grad)
+    torch.testing.assert_close(values[0], values[1], **CLOSE)
+    torch.testing.assert_close(grads[0], grads[1], **CLOSE)
+    assert values[0] > 0.05 and grads[0].abs().sum() > 0 and (grads[0][:, REAL:] == 0).all()
+    # reflectance in, no map: the same number
+    reflectance = masked_spectral_angle(out, prediction * std + mean, batch["hsi"] * std + mean, batch["band_mask"])
+    torch.testing.assert_close(reflectance, values[1], **CLOSE)
+
+
 # ----------------------------------------------------------------------------------------------- physics
 
 
@@ -402,6 +617,46 @@ def test_lsmm_physics_per_pixel_resolution():
     assert lsmm_physics(out, *args).item() > 1e-3
 
 
+def patch_major_physics(out: MAEOutput, head, hsi, wavelengths, band_mean, band_std, band_mask):
+    """The construction lsmm_physics replaced: the input copied patch-major [N, B, P, p*p] first."""
+    endmembers, covered = head.endmembers_at(wavelengths)
+    rows, cols = out.grid
+    p = out.patch_size
+    n, bands = hsi.shape[:2]
+    pixels = hsi.view(n, bands, rows, p, cols, p).permute(0, 1, 2, 4, 3, 5).reshape(n, bands, rows * cols, p * p)
+    if head.resolution == "patch":
+        mixed = torch.einsum("nbm,npm->nbp", endmembers, out.abundances).unsqueeze(-1)
+        target = pixels.mean(dim=-1, keepdim=True)
+    else:
+        mixed = torch.einsum("nbm,npxm->nbpx", endmembers, out.abundances)
+        target = pixels
+    mixed = (mixed - band_mean[:, :, None, None]) / band_std[:, :, None, None]
+    weight = (covered & band_mask).float()[:, :, None, None]
+    return (((mixed - target) ** 2) * weight).sum() / (weight.sum() * target.shape[2] * target.shape[3])
+
+
+@pytest.mark.parametrize("resolution", ["patch", "pixel"])
+def test_lsmm_physics_equals_the_patch_major_construction(resolution):
+    torch.manual_seed(0)
+    lsmm_model = SpectralMAE(ModelConfig(lsmm=LSMMConfig(num_endmembers=3, resolution=resolution)))
+    batch = _batch()
+    out = _forward(lsmm_model, batch)
+    args = (lsmm_model.lsmm, batch["hsi"], batch["wavelengths"], batch["band_mean"], batch["band_std"],
+            batch["band_mask"])
+    # per-pixel abundances that differ inside each patch, so a layout mix-up shows
+    shape = out.abundances.shape
+    out.abundances = torch.rand(shape, generator=_generator(33)).softmax(dim=-1).requires_grad_(True)
+    values, grads = [], []
+    for function in (lsmm_physics, patch_major_physics):
+        value = function(out, *args)
+        (grad,) = torch.autograd.grad(value, out.abundances)
+        values.append(value.detach())
+        grads.append(grad)
+    torch.testing.assert_close(values[0], values[1], **CLOSE)
+    torch.testing.assert_close(grads[0], grads[1], **CLOSE)
+    assert values[0] > 0.1
+
+
 def test_lsmm_physics_needs_abundances(model):
     batch = _batch()
     out = _forward(model, batch)
@@ -445,6 +700,8 @@ def test_karma_objective_is_the_weighted_sum_of_its_parts(model):
     mean, std = batch["band_mean"][:, :, None, None], batch["band_std"][:, :, None, None]
     assert parts["huber"].item() == pytest.approx(masked_huber(out, batch["hsi"], batch["band_mask"]).item())
     assert parts["sam"].item() == pytest.approx(masked_spectral_angle(
+        out, out.prediction * std + mean, batch["hsi"] * std + mean, batch["band_mask"]).item(), rel=1e-6)
+    assert parts["sam"].item() == pytest.approx(per_group_copies_spectral_angle(
         out, out.prediction * std + mean, batch["hsi"] * std + mean, batch["band_mask"]).item(), rel=1e-6)
     weighted, weighted_parts = PretrainObjective(ObjectiveConfig(name="w", mse=0.5, huber=2.0, sam=3.0,
                                                                  physics=0.25))(model, out, batch)

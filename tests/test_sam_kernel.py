@@ -1,8 +1,11 @@
-"""The fused Triton spectral-angle kernel (kernels/sam_triton.py) against the PyTorch reference, on CPU under
+"""The fused Triton spectral-angle kernels (kernels/sam_triton.py) against the PyTorch references, on CPU under
 TRITON_INTERPRET=1: values and prediction gradients for every reduction, with and without row weights, chunked
-and single-tile rows, low-precision inputs, and the degenerate rows (identical, anti-parallel, zero, B = 1).
+and single-tile rows, low-precision inputs, and the degenerate rows (identical, anti-parallel, zero, B = 1); and
+the grouped kernel on images [N, B, H, W] against the grouped reference (groups, padded bands, the affine map,
+strides, several band chunks and pixel blocks).
 
-The interpreter is orders of magnitude slower than torch, so every size here is tiny (N <= 16 rows)."""
+The interpreter is orders of magnitude slower than torch, so every size here is tiny (N <= 16 rows; images of a
+few pixels and <= 16 bands)."""
 from __future__ import annotations
 
 import importlib
@@ -18,7 +21,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from hsfm_train.kernels.sam_loss import COSINE_CLAMP, spectral_angle_reference  # noqa: E402
+from hsfm_train.kernels.sam_loss import (COSINE_CLAMP, grouped_spectral_angle_reference,  # noqa: E402
+                                         spectral_angle_reference)
 
 _MODULE = "hsfm_train.kernels.sam_triton"
 sam_triton = importlib.import_module(_MODULE)
@@ -26,6 +30,7 @@ if not isinstance(sam_triton._spectral_angle_fwd_kernel, InterpretedFunction):
     # imported earlier in this process without the flag (compiled kernels cannot take CPU tensors): redefine
     sam_triton = importlib.reload(sam_triton)
 fused_spectral_angle = sam_triton.fused_spectral_angle
+fused_grouped_spectral_angle = sam_triton.fused_grouped_spectral_angle
 
 FP32 = {"rtol": 6e-4, "atol": 2e-3}  # the public kernels' fp32 tolerances (METHODS.md)
 TIGHT = {"rtol": 1e-5, "atol": 1e-5}  # what this kernel actually achieves in fp32 (measured max error ~4e-6)
@@ -77,13 +82,29 @@ for dtype, (single, block_n, block_b), weighted in itertools.product(
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert ".entry" in kernel.asm["ptx"] and ".local" not in kernel.asm["ptx"]  # no register spills to local
+grouped = sam_triton._grouped_spectral_angle_fwd_kernel
+assert isinstance(grouped, triton.runtime.jit.JITFunction), type(grouped)
+for dtype, groups, affine in itertools.product(["fp32", "bf16", "fp16"], [2, 3], [True, False]):
+    signature = {"p_ptr": "*" + dtype, "t_ptr": "*fp32", "group_ptr": "*i32", "scale_ptr": "*fp32",
+                 "offset_ptr": "*fp32", "w_ptr": "*fp32", "grad_ptr": "*fp32" if dtype == "fp16" else "*" + dtype,
+                 "weighted_ptr": "*fp32", "pixel_weight_ptr": "*fp32", "B": "i32", "HW": "i32", "W": "i32"}
+    signature.update({f"stride_{tensor}{dim}": "i32" for tensor in "ptg" for dim in "nbhw"})
+    signature.update({"eps_sq": "fp32", "clamp": "fp32"})
+    constants = {"GROUPS": groups, "HAS_WEIGHT": True, "HAS_AFFINE": affine, "COMPUTE_GRAD": True,
+                 "BLOCK_G": triton.next_power_of_2(groups), "BLOCK_B": 16, "BLOCK_PIX": 128}
+    signature.update({name: "constexpr" for name in constants})
+    source = ASTSource(grouped, signature,
+                       constexprs={(grouped.arg_names.index(k),): v for k, v in constants.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert ".entry" in kernel.asm["ptx"] and ".local" not in kernel.asm["ptx"]
 print("compiled")
 """
 
 
 def test_kernel_compiles_for_a_gpu_without_one():
     """The interpreter accepts code the compiler rejects (non-constexpr globals, type mismatches): compile the
-    real kernel to PTX for sm_90 (no GPU or driver needed), in a process without TRITON_INTERPRET."""
+    real kernels (rows and grouped) to PTX for sm_90 (no GPU or driver needed), in a process without
+    TRITON_INTERPRET."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
@@ -287,3 +308,123 @@ def test_rejects_bad_arguments():
 
 def test_clamp_constant_is_the_reference_one():
     assert sam_triton.COSINE_CLAMP == COSINE_CLAMP == 1.0 - 1e-7
+
+
+# ------------------------------------------------------------------------------------------ grouped images
+
+
+def _grouped_case(seed: int, groups: int = 3, bands: int = 11, height: int = 3, width: int = 5):
+    """Two samples, bands in 2-3 groups of >= 3 (interleaved in sample 0, contiguous in sample 1), the last two
+    bands padded (in no group, garbage values), one zero-norm and one identical (sample, group, pixel), weights in
+    [0, 2) with zeros among them."""
+    generator = _generator(seed)
+    real = bands - 2
+    ids = torch.full((2, bands), -1)
+    ids[0, :real] = torch.arange(real) % groups
+    ids[1, :real] = torch.arange(real) * groups // real
+    membership = torch.stack([ids == group for group in range(groups)], dim=2)
+    prediction = torch.rand(2, bands, height, width, generator=generator) + 0.05
+    target = torch.rand(2, bands, height, width, generator=generator) + 0.05
+    prediction[:, real:] = 1e3
+    target[:, real:] = -1e3
+    prediction[0, ids[0] == 1, 1, 1] = 0.0
+    target[1, ids[1] == 0, 2, 3] = prediction[1, ids[1] == 0, 2, 3]
+    weight = 2 * torch.rand(2, groups, height, width, generator=generator)
+    weight[torch.rand(weight.shape, generator=generator) < 0.2] = 0.0
+    return prediction, target, membership, weight
+
+
+def _grouped_both(prediction, target, membership, weight, reduction="mean", grad_output=None, scale=None,
+                  offset=None, **blocks):
+    """(fused value, fused prediction grad, reference value, reference prediction grad)."""
+    results = []
+    for function in (fused_grouped_spectral_angle, grouped_spectral_angle_reference):
+        leaf = prediction.detach().clone().requires_grad_(True)
+        extra = blocks if function is fused_grouped_spectral_angle else {}
+        value = function(leaf, target, membership, weight, reduction, scale=scale, offset=offset, **extra)
+        seed = torch.ones_like(value) if grad_output is None else grad_output
+        (grad,) = torch.autograd.grad(value, leaf, seed)
+        results += [value.detach(), grad]
+    return results
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+@pytest.mark.parametrize("blocks", [{}, {"block_b": 4, "block_pix": 4}], ids=["default-tiles", "small-tiles"])
+@pytest.mark.parametrize("affine", [False, True], ids=["reflectance", "normalised"])
+def test_grouped_kernel_matches_the_grouped_reference(groups, blocks, affine):
+    """Small tiles: 11 bands in 3 chunks of 4 (the last one partial), 15 pixels in 4 programs of 4 per sample."""
+    prediction, target, membership, weight = _grouped_case(groups, groups)
+    scale = offset = None
+    if affine:
+        generator = _generator(40)
+        scale, offset = 0.05 + torch.rand(2, 11, generator=generator), torch.rand(2, 11, generator=generator)
+    for reduction in REDUCTIONS:
+        grad_output = torch.rand(weight.shape, generator=_generator(41)) + 0.5 if reduction == "none" \
+            else torch.tensor(1.3)
+        value, grad, ref_value, ref_grad = _grouped_both(prediction, target, membership, weight, reduction,
+                                                         grad_output, scale, offset, **blocks)
+        assert value.dtype == torch.float32 and value.shape == ref_value.shape
+        torch.testing.assert_close(value, ref_value, **TIGHT)
+        torch.testing.assert_close(grad, ref_grad, **TIGHT)
+        assert (grad[:, 9:] == 0).all() and grad.abs().sum() > 0  # padded bands: no gradient
+    angles = fused_grouped_spectral_angle(prediction, target, membership, weight, "none", scale=scale,
+                                          offset=offset)
+    if not affine:
+        assert angles[0, 1, 1, 1] == 0  # zero-norm prediction in group 1
+        assert angles[1, 0, 2, 3] < PARALLEL_FLOOR * 2  # identical in group 0
+
+
+def test_grouped_kernel_reads_strided_images_and_low_precision():
+    prediction, target, membership, weight = _grouped_case(7)
+    wide = torch.zeros(2, 11, 3, 9)
+    wide[..., 2:7] = prediction
+    strided_prediction = wide[..., 2:7]  # row stride 9
+    channels_last = target.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # band stride 1
+    assert not strided_prediction.is_contiguous() and not channels_last.is_contiguous()
+    value, grad, ref_value, ref_grad = _grouped_both(strided_prediction, channels_last, membership, weight, "none",
+                                                     torch.ones(weight.shape))
+    torch.testing.assert_close(value, ref_value, **TIGHT)
+    torch.testing.assert_close(grad, ref_grad, **TIGHT)
+    for dtype in (torch.bfloat16, torch.float16):
+        value, grad, ref_value, ref_grad = _grouped_both(prediction.to(dtype), target, membership, weight)
+        torch.testing.assert_close(value, ref_value, **TIGHT)  # both read the same rounded inputs in fp32
+        assert grad.dtype == dtype and torch.isfinite(grad.float()).all()
+        torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_grouped_kernel_gradient_only_for_the_prediction_and_none_without_grad(monkeypatch):
+    prediction, target, membership, weight = _grouped_case(8, 2)
+    leaves = [t.clone().requires_grad_(True) for t in (prediction, target, weight)]
+    scale = torch.rand(2, 11, requires_grad=True)
+    fused_grouped_spectral_angle(leaves[0], leaves[1], membership, leaves[2], scale=scale).backward()
+    assert leaves[0].grad is not None and leaves[1].grad is None and leaves[2].grad is None and scale.grad is None
+    calls = []
+    original = sam_triton._grouped_forward
+
+    def spy(*args):
+        weighted, pixel_weight, grad = original(*args)
+        calls.append(grad)
+        return weighted, pixel_weight, grad
+
+    monkeypatch.setattr(sam_triton, "_grouped_forward", spy)
+    with torch.no_grad():
+        fused_grouped_spectral_angle(leaves[0], target, membership, weight)
+    fused_grouped_spectral_angle(prediction, target, membership, weight)
+    fused_grouped_spectral_angle(leaves[0], target, membership, weight)
+    assert calls[0] is None and calls[1] is None and calls[2] is not None
+
+
+def test_grouped_kernel_degenerate_inputs():
+    prediction, target, membership, weight = _grouped_case(9, 2)
+    assert fused_grouped_spectral_angle(prediction, target, membership, torch.zeros_like(weight)).item() == 0.0
+    leaf = torch.zeros_like(prediction, requires_grad=True)
+    loss = fused_grouped_spectral_angle(leaf, target, membership, weight)
+    loss.backward()
+    assert loss.item() == 0.0 and (leaf.grad == 0).all()
+    assert fused_grouped_spectral_angle(prediction, target, torch.zeros_like(membership), weight).item() == 0.0
+    empty = torch.zeros(0, 11, 3, 5)
+    assert fused_grouped_spectral_angle(empty, empty, membership[:0], weight[:0]).item() == 0.0
+    with pytest.raises(ValueError, match="membership"):
+        fused_grouped_spectral_angle(prediction, target, membership.float(), weight)
+    with pytest.raises(ValueError, match="power of two"):
+        fused_grouped_spectral_angle(prediction, target, membership, weight, block_pix=6)

@@ -6,26 +6,28 @@ Both are computed in reflectance units (the loader's per-band normalisation undo
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
-from hsfm_train.kernels import spectral_angle_loss
+from hsfm_train.kernels import grouped_spectral_angle_loss
 from hsfm_train.models.heads import LSMMHead
 from hsfm_train.models.mae import MAEOutput
 
 
-def masked_spectral_angle(out: MAEOutput, prediction: torch.Tensor, target: torch.Tensor,
-                          band_mask: torch.Tensor) -> torch.Tensor:
+def masked_spectral_angle(out: MAEOutput, prediction: torch.Tensor, target: torch.Tensor, band_mask: torch.Tensor,
+                          band_mean: torch.Tensor | None = None, band_std: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     """Mean angle (radians) between predicted and true spectra of masked tokens' pixels, per spectral group:
-    bands outside a group are zeroed, which removes them from dot products and norms alike."""
+    each (pixel, group) angle is over that group's bands only.
+
+    prediction, target: [N, B, H, W] in reflectance, or band-normalised when ``band_mean`` / ``band_std`` [N, B]
+    are given (the kernel then undoes the normalisation as it reads, instead of building reflectance copies)."""
     rows, cols = out.grid
     p = out.patch_size
-    predicted, true, weights = [], [], []
-    for slot in range(out.present.numel()):
-        member = (out.membership[..., int(out.present[slot])] & band_mask).to(prediction.dtype)[:, :, None, None]
-        predicted.append((prediction * member).permute(0, 2, 3, 1).reshape(-1, prediction.shape[1]))
-        true.append((target * member).permute(0, 2, 3, 1).reshape(-1, target.shape[1]))
-        pixels = out.token_mask[:, slot].view(-1, rows, cols).repeat_interleave(p, 1).repeat_interleave(p, 2)
-        weights.append(pixels.flatten().float())
-    return spectral_angle_loss(torch.cat(predicted), torch.cat(true), torch.cat(weights), reduction="mean")
+    membership = out.membership[:, :, out.present] & band_mask[:, :, None]  # [N, B, G]
+    tokens = out.token_mask.view(*out.token_mask.shape[:2], rows, cols)
+    pixels = tokens.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3).float()  # [N, G, H, W]
+    return grouped_spectral_angle_loss(prediction, target, membership, pixels, reduction="mean",
+                                       scale=band_std, offset=band_mean)
 
 
 def lsmm_physics(out: MAEOutput, head: LSMMHead, hsi: torch.Tensor, wavelengths: torch.Tensor,
@@ -37,15 +39,16 @@ def lsmm_physics(out: MAEOutput, head: LSMMHead, hsi: torch.Tensor, wavelengths:
     endmembers, covered = head.endmembers_at(wavelengths)  # [N, B, M]
     rows, cols = out.grid
     p = out.patch_size
-    n, bands = hsi.shape[:2]
-    pixels = hsi.float().view(n, bands, rows, p, cols, p).permute(0, 1, 2, 4, 3, 5).reshape(n, bands, rows * cols, p * p)
+    n = hsi.shape[0]
     if head.resolution == "patch":
-        mixed = torch.einsum("nbm,npm->nbp", endmembers, out.abundances).unsqueeze(-1)
-        target = pixels.mean(dim=-1, keepdim=True)
+        mixed = torch.einsum("nbm,npm->nbp", endmembers, out.abundances)  # [N, B, P]
+        target = F.avg_pool2d(hsi.float(), p).flatten(2)  # patch means, read in place (no patch-major copy)
     else:
-        mixed = torch.einsum("nbm,npxm->nbpx", endmembers, out.abundances)
-        target = pixels
-    mixed = (mixed - band_mean[:, :, None, None]) / band_std[:, :, None, None]
-    weight = (covered & band_mask).float()[:, :, None, None]
+        # pixel abundances [N, P, p*p, M] are patch-major; the mixture is laid out as the image instead
+        abundances = out.abundances.view(n, rows, cols, p, p, out.abundances.shape[-1])
+        mixed = torch.einsum("nbm,nrcyxm->nbrycx", endmembers, abundances).reshape(n, hsi.shape[1], -1)
+        target = hsi.float().flatten(2)  # [N, B, H*W]
+    mixed = (mixed - band_mean[:, :, None]) / band_std[:, :, None]
+    weight = (covered & band_mask).float()[:, :, None]
     error = ((mixed - target) ** 2) * weight
-    return error.sum() / (weight.sum() * target.shape[2] * target.shape[3]).clamp_min(1.0)
+    return error.sum() / (weight.sum() * target.shape[2]).clamp_min(1.0)
