@@ -98,17 +98,17 @@ def test_data_eval_configures_the_evaluation_loader(demo_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["eval"]["trained"]["images"] == 5  # eval.max_batches=1 batch of data.eval.batch_size
-    refused = _run(["pretrain", *_overrides(demo_dir, tmp_path / "other", "data.eval.crop_size=12")], tmp_path)
-    assert refused.returncode == 2 and "tiles of 12 px are not divisible by model.patch_size 8" in refused.stderr
+    refused = _run(["pretrain", *_overrides(demo_dir, tmp_path / "other", "data.eval.crop_size=10")], tmp_path)
+    assert refused.returncode == 2 and "tiles of 10 px are not divisible by model.patch_size 4" in refused.stderr
 
 
 def test_fingerprint_ignores_options_at_their_defaults_so_upgrades_keep_runs_resumable():
     from hsfm_train.stages.pretrain import fingerprint, load_pretrain_config
 
     config = load_pretrain_config([])
-    explicit = load_pretrain_config(["model.group_mask_prob=0.0", "objective.decorrelation=0.0",
+    explicit = load_pretrain_config(["model.group_mask_prob=0.0", "objective.physics_warmup_steps=0",
                                      "model.lsmm.init=random"])
     assert fingerprint(explicit) == fingerprint(config)  # an option spelled out at its default is the same run
-    for override in ("model.group_mask_prob=0.5", "objective.decorrelation=1.0", "model.lsmm.num_endmembers=4",
+    for override in ("model.group_mask_prob=0.5", "objective.decorrelation=0.5", "model.lsmm.num_endmembers=4",
                      "data.train.batch_size=8", "seed=3"):
         assert fingerprint(load_pretrain_config([override])) != fingerprint(config), override

@@ -24,7 +24,7 @@ def test_readme_says_how_to_install_a_cpu_only_torch():
 def user_directory(demo_dir, tmp_path_factory) -> Path:
     """What the README's commands leave behind: the main job's export and a shard folder."""
     root = tmp_path_factory.mktemp("user")
-    result = run(["pretrain", *overrides(demo_dir, root / "runs" / "demo-mae", "trainer.max_steps=2")], root)
+    result = run(["pretrain", *overrides(demo_dir, root / "runs" / "main-mae", "trainer.max_steps=2")], root)
     assert result.returncode == 0, result.stderr[-3000:]
     (root / "shards").mkdir()
     (root / "shards" / "mixed").symlink_to(demo_dir / "train")

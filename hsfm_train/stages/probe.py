@@ -1,6 +1,6 @@
 """Frozen-backbone probes: does a pretraining run give features a classifier can use?
 
-    hsfm probe backbone=runs/demo-mae/export data.scene=../shared/data/classification/indian_pines/indian_pines.npz
+    hsfm probe backbone=runs/main-mae/export data.scene=../shared/data/classification/indian_pines/indian_pines.npz
     hsfm probe backbone=EXPORT data.scene=salinasA.npz data.reader.bands=corrected data.reader.sensor_preset=aviris
     hsfm probe backbone=random random_like=EXPORT data.scene=...   the control alone
 
@@ -49,7 +49,7 @@ class ProbeDataConfig:
 @dataclass
 class ProbeConfig:
     data: ProbeDataConfig = field(default_factory=ProbeDataConfig)
-    backbone: str = "runs/demo-mae/export"  # an `hsfm export` directory, or "random"
+    backbone: str = "runs/main-mae/export"  # an `hsfm export` directory, or "random"
     random_like: str | None = None  # backbone=random: the architecture of this export, freshly initialised
     random_model: str = "tiny"  # backbone=random without random_like: a preset of configs/model/
     shots: list[int] = field(default_factory=lambda: [5, 10, 30])  # K labelled pixels per class
