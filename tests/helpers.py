@@ -52,3 +52,29 @@ def append_handmade_shard(root: Path, file_name: str, samples: list[tuple[str, d
 def meta_bytes(bands: int, band_set: str, scene: str = "handmade") -> bytes:
     return json.dumps({"schema": 1, "scene": scene, "bands": bands, "band_set": band_set, "sensor": "samson",
                        "origin": [0, 0], "size": [16, 16]}).encode()
+
+
+def grouped_angle_case(seed: int, groups: int = 3, bands: int = 14, height: int = 4, width: int = 5):
+    """(prediction, target, membership, weight) for the grouped spectral angle: two samples whose last two bands
+    are padding (in no group, garbage values) and whose other bands fall in 2-3 groups (interleaved in sample 0,
+    contiguous in sample 1); one (sample, group, pixel) with a zero prediction, one with a zero target, one with
+    prediction = target; weights in [0, 2) with zeros among them."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    real = bands - 2
+    ids = torch.full((2, bands), -1)
+    ids[0, :real] = torch.arange(real) % groups
+    ids[1, :real] = torch.arange(real) * groups // real
+    membership = torch.stack([ids == group for group in range(groups)], dim=2)
+    prediction = torch.rand(2, bands, height, width, generator=generator) + 0.05
+    target = torch.rand(2, bands, height, width, generator=generator) + 0.05  # generic angles, away from the clamp
+    prediction[:, real:] = 1e3
+    target[:, real:] = -1e3
+    prediction[0, ids[0] == 1, 1, 1] = 0.0
+    target[1, ids[1] == 0, 2, 3] = 0.0
+    last = ids[0] == groups - 1
+    target[0, last, height - 1, 0] = prediction[0, last, height - 1, 0]
+    weight = 2 * torch.rand(2, groups, height, width, generator=generator)
+    weight[torch.rand(weight.shape, generator=generator) < 0.2] = 0.0
+    return prediction, target, membership, weight

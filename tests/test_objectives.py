@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from tests.helpers import grouped_angle_case
 import yaml
 
 from hsfm_train.errors import ConfigError
@@ -164,28 +166,6 @@ def per_group_rows(prediction, target, membership, weight, reduction="mean"):
     return result
 
 
-def grouped_case(seed: int, groups: int):
-    """Two samples of 14 bands (12 real, 2 padded with garbage) in 2 or 3 groups of >= 4 bands, interleaved in
-    sample 0 and contiguous in sample 1, on 4 x 5 pixels; one pixel with a zero prediction in one group, one with a
-    zero target, one with prediction = target in one group; weights in [0, 2) with zeros among them."""
-    generator = _generator(seed)
-    n, bands, height, width = 2, 14, 4, 5
-    ids = torch.full((n, bands), -1)
-    ids[0, :12] = torch.arange(12) % groups
-    ids[1, :12] = torch.arange(12) * groups // 12
-    membership = torch.stack([ids == group for group in range(groups)], dim=2)
-    prediction = torch.rand(n, bands, height, width, generator=generator) + 0.05
-    target = torch.rand(n, bands, height, width, generator=generator) + 0.05  # generic angles, away from the clamp
-    prediction[:, 12:] = 1e3  # padded bands: in no group, never scored
-    target[:, 12:] = -1e3
-    prediction[0, ids[0] == 1, 1, 1] = 0.0
-    target[1, ids[1] == 0, 2, 3] = 0.0
-    target[0, ids[0] == groups - 1, 3, 0] = prediction[0, ids[0] == groups - 1, 3, 0]
-    weight = 2 * torch.rand(n, groups, height, width, generator=generator)
-    weight[torch.rand(weight.shape, generator=generator) < 0.2] = 0.0
-    return prediction, target, membership, weight
-
-
 def _values_and_grads(function, prediction, target, grad_output=None, **kwargs):
     """(value, d/d prediction, d/d target) of function(prediction, target, **kwargs)."""
     p, t = prediction.clone().requires_grad_(True), target.clone().requires_grad_(True)
@@ -198,7 +178,7 @@ def _values_and_grads(function, prediction, target, grad_output=None, **kwargs):
 @pytest.mark.parametrize("groups", [2, 3])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_grouped_reference_equals_the_per_group_rows(groups, reduction):
-    prediction, target, membership, weight = grouped_case(groups, groups)
+    prediction, target, membership, weight = grouped_angle_case(groups, groups)
     grad_output = None
     if reduction == "none":
         grad_output = torch.rand(weight.shape, generator=_generator(30)) + 0.5
@@ -224,7 +204,7 @@ def test_grouped_reference_equals_the_per_group_rows(groups, reduction):
 def test_grouped_reference_scores_each_group_over_its_own_bands():
     """Swapping the group assignment of two bands changes the result; all bands in one group is the row angle
     over all real bands; an unweighted call counts every defined (sample, group, pixel) once."""
-    prediction, target, membership, weight = grouped_case(0, 2)
+    prediction, target, membership, weight = grouped_angle_case(0, 2)
     value = grouped_spectral_angle_reference(prediction, target, membership, weight)
     swapped = membership.clone()
     swapped[0, [0, 1]] = membership[0, [1, 0]]
@@ -241,7 +221,7 @@ def test_grouped_reference_scores_each_group_over_its_own_bands():
 def test_grouped_reference_applies_the_affine_map_first():
     """scale / offset [N, B]: the angle of prediction * scale + offset against target * scale + offset, with
     the gradient through the map."""
-    prediction, target, membership, weight = grouped_case(4, 3)
+    prediction, target, membership, weight = grouped_angle_case(4, 3)
     generator = _generator(31)
     scale, offset = 0.05 + torch.rand(2, 14, generator=generator), torch.rand(2, 14, generator=generator)
     grouped = _values_and_grads(grouped_spectral_angle_reference, prediction, target, membership=membership,
@@ -268,7 +248,7 @@ def test_grouped_reference_applies_the_affine_map_first():
 
 
 def test_grouped_reference_degenerate_inputs_give_zero_not_nan():
-    prediction, target, membership, weight = grouped_case(5, 2)
+    prediction, target, membership, weight = grouped_angle_case(5, 2)
     assert grouped_spectral_angle_reference(prediction, target, membership, torch.zeros_like(weight)).item() == 0
     leaf = torch.zeros_like(prediction, requires_grad=True)
     loss = grouped_spectral_angle_reference(leaf, target, membership, weight)
@@ -292,7 +272,7 @@ def test_grouped_reference_degenerate_inputs_give_zero_not_nan():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_grouped_dispatcher_equals_the_grouped_reference_on_cpu(reduction):
-    prediction, target, membership, weight = grouped_case(6, 3)
+    prediction, target, membership, weight = grouped_angle_case(6, 3)
     scale = torch.rand(2, 14, generator=_generator(32)) + 0.5
     torch.testing.assert_close(
         grouped_spectral_angle_loss(prediction, target, membership, weight, reduction, scale=scale),

@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
+from tests.helpers import grouped_angle_case  # noqa: E402
 from hsfm_train.kernels.sam_loss import (COSINE_CLAMP, grouped_spectral_angle_reference,  # noqa: E402
                                          spectral_angle_reference)
 
@@ -313,25 +314,9 @@ def test_clamp_constant_is_the_reference_one():
 # ------------------------------------------------------------------------------------------ grouped images
 
 
-def _grouped_case(seed: int, groups: int = 3, bands: int = 11, height: int = 3, width: int = 5):
-    """Two samples, bands in 2-3 groups of >= 3 (interleaved in sample 0, contiguous in sample 1), the last two
-    bands padded (in no group, garbage values), one zero-norm and one identical (sample, group, pixel), weights in
-    [0, 2) with zeros among them."""
-    generator = _generator(seed)
-    real = bands - 2
-    ids = torch.full((2, bands), -1)
-    ids[0, :real] = torch.arange(real) % groups
-    ids[1, :real] = torch.arange(real) * groups // real
-    membership = torch.stack([ids == group for group in range(groups)], dim=2)
-    prediction = torch.rand(2, bands, height, width, generator=generator) + 0.05
-    target = torch.rand(2, bands, height, width, generator=generator) + 0.05
-    prediction[:, real:] = 1e3
-    target[:, real:] = -1e3
-    prediction[0, ids[0] == 1, 1, 1] = 0.0
-    target[1, ids[1] == 0, 2, 3] = prediction[1, ids[1] == 0, 2, 3]
-    weight = 2 * torch.rand(2, groups, height, width, generator=generator)
-    weight[torch.rand(weight.shape, generator=generator) < 0.2] = 0.0
-    return prediction, target, membership, weight
+def _small_grouped_case(seed: int, groups: int = 3, bands: int = 11, height: int = 3, width: int = 5):
+    """The shared grouped case at interpreter size (the kernel runs as Python here)."""
+    return grouped_angle_case(seed, groups, bands, height, width)
 
 
 def _grouped_both(prediction, target, membership, weight, reduction="mean", grad_output=None, scale=None,
@@ -353,7 +338,7 @@ def _grouped_both(prediction, target, membership, weight, reduction="mean", grad
 @pytest.mark.parametrize("affine", [False, True], ids=["reflectance", "normalised"])
 def test_grouped_kernel_matches_the_grouped_reference(groups, blocks, affine):
     """Small tiles: 11 bands in 3 chunks of 4 (the last one partial), 15 pixels in 4 programs of 4 per sample."""
-    prediction, target, membership, weight = _grouped_case(groups, groups)
+    prediction, target, membership, weight = _small_grouped_case(groups, groups)
     scale = offset = None
     if affine:
         generator = _generator(40)
@@ -375,7 +360,7 @@ def test_grouped_kernel_matches_the_grouped_reference(groups, blocks, affine):
 
 
 def test_grouped_kernel_reads_strided_images_and_low_precision():
-    prediction, target, membership, weight = _grouped_case(7)
+    prediction, target, membership, weight = _small_grouped_case(7)
     wide = torch.zeros(2, 11, 3, 9)
     wide[..., 2:7] = prediction
     strided_prediction = wide[..., 2:7]  # row stride 9
@@ -393,7 +378,7 @@ def test_grouped_kernel_reads_strided_images_and_low_precision():
 
 
 def test_grouped_kernel_gradient_only_for_the_prediction_and_none_without_grad(monkeypatch):
-    prediction, target, membership, weight = _grouped_case(8, 2)
+    prediction, target, membership, weight = _small_grouped_case(8, 2)
     leaves = [t.clone().requires_grad_(True) for t in (prediction, target, weight)]
     scale = torch.rand(2, 11, requires_grad=True)
     fused_grouped_spectral_angle(leaves[0], leaves[1], membership, leaves[2], scale=scale).backward()
@@ -415,7 +400,7 @@ def test_grouped_kernel_gradient_only_for_the_prediction_and_none_without_grad(m
 
 
 def test_grouped_kernel_degenerate_inputs():
-    prediction, target, membership, weight = _grouped_case(9, 2)
+    prediction, target, membership, weight = _small_grouped_case(9, 2)
     assert fused_grouped_spectral_angle(prediction, target, membership, torch.zeros_like(weight)).item() == 0.0
     leaf = torch.zeros_like(prediction, requires_grad=True)
     loss = fused_grouped_spectral_angle(leaf, target, membership, weight)

@@ -25,12 +25,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 
 from hsfm_train.data.readers import read_scene
 from hsfm_train.data.scene import Scene
 from hsfm_train.data.shards import INDEX_FILE, ShardBuildConfig, build_shards
 from hsfm_train.io import file_sha256, write_json_atomic
-from hsfm_train.data.synthetic import SyntheticSceneConfig, generate_scene, scene_seed
+from hsfm_train.data.synthetic import SyntheticSceneConfig, generate_scene, scene_seed, sensor_grid
 from hsfm_train.spectra import load_spectral_library
 from hsfm_train.data.tiling import TilingConfig
 from hsfm_train.errors import ConfigError
@@ -204,10 +205,6 @@ def _crop_rows(scene: Scene, start: int, stop: int, name: str) -> Scene:
 def resample_scene(scene: Scene, grid: str) -> Scene:
     """The scene's cube linearly interpolated onto the band centres of ``grid`` that fall inside its own range
     and outside its gaps (a sensor's narrow bands sampled as another's; no spectral response convolution)."""
-    import numpy as np
-
-    from hsfm_train.data.synthetic import sensor_grid
-
     source = np.asarray(scene.wavelengths_nm, dtype=np.float64)
     order = np.argsort(source, kind="stable")
     source, cube = source[order], scene.cube[..., order]
@@ -253,8 +250,6 @@ def _synthetic_scenes(config: DemoDataConfig, seeds: list[int], prefix: str, abu
                       ) -> Iterator[Scene]:
     """One scene per seed, lazily, cycling through the band grids; endmember count and SNR drawn per scene from
     the configured ranges (from the scene's seed, so a scene does not depend on its neighbours)."""
-    import numpy as np
-
     library = load_spectral_library()
     size = config.synthetic_size
     if abundance_source == "urban":

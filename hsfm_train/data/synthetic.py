@@ -201,13 +201,12 @@ def generate_scene(config: SyntheticSceneConfig, seed: int, library: SpectralLib
     if config.endmember_variability > 0:
         scale = 1.0 + config.endmember_variability * _smooth_unit_fields(rng, config, config.num_endmembers)
         weights = weights * np.clip(scale, 0.2, None).reshape(-1, config.num_endmembers)
+        metadata["endmember_variability"] = config.endmember_variability
     if config.illumination_std > 0:
         log_brightness = config.illumination_std * _smooth_unit_fields(rng, config, 1)
         brightness = np.exp(log_brightness - config.illumination_std**2 / 2)  # mean ~1
         weights = weights * brightness.reshape(-1, 1)
         metadata["illumination_std"] = config.illumination_std
-    if config.endmember_variability > 0:
-        metadata["endmember_variability"] = config.endmember_variability
     weights = weights.astype(np.float32)
     cube = (weights @ endmembers).reshape(config.height, config.width, -1)
     noise_sigma = 0.0
