@@ -114,7 +114,9 @@ def _stage(args: argparse.Namespace) -> int:
         print(OmegaConf.to_yaml(OmegaConf.structured(config)))
         return 0
     stage = args.stage(config)
-    print(stage.format_summary(stage.execute()))
+    summary = stage.execute()
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not one per process
+        print(stage.format_summary(summary))
     return 0
 
 

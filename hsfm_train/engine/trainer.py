@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 
 from hsfm_train.engine.checkpoint import Checkpointer, set_rng_state
 from hsfm_train.engine.logging import RunLogger
@@ -145,7 +145,9 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
         raise ConfigError("trainer.precision=bf16 needs a GPU; CPU training runs in fp32 (precision=auto)")
     # gloo for CPU process groups (NCCL needs GPUs); accumulation is handled by the loop, not by Accelerate
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else []
+    handlers: list = [InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else []
+    # a batch uses the patch projection and decoder head of its own spectral grouping only
+    handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(cpu=not cuda, mixed_precision="no" if precision == "fp32" else precision,
                        kwargs_handlers=handlers)
 
