@@ -9,6 +9,10 @@ What is measured (all in one run, so the ratios are robust on a noisy machine):
   loader are left out: the trainer's step has them for both objectives alike.
 * bands: the MAE step at 50..400 bands over 400-2500 nm, fixed tile.
 * tile: the MAE step at several tile sizes, fixed band count.
+* activation checkpointing (``--activation-checkpointing both``): each objective case of section 1 runs twice on
+  the same model, optimiser and batch, as ``mae`` and ``mae+ckpt`` (every encoder and decoder block recomputed in
+  backward), interleaved like the other cases; the rows show what checkpointing costs in time and saves in memory.
+  ``on`` runs every section with it, ``off`` (the default) without. ``--objectives mae`` leaves KARMA out.
 * terms (``--sections terms``, not run by default): each objective term alone, forward + backward from a leaf
   (the model's prediction, or the LSMM abundances for the physics term) on the KARMA model's output for the
   section-1 batch, and the LSMM head; where the KARMA/MAE difference comes from.
@@ -21,13 +25,29 @@ peak memory of one extra step per case is reported: "peak MB" as allocated (both
 states and the batches included), "step MB" above what was allocated when the step began (activations, gradients,
 optimiser temporaries). "saved MB" is, on every device, the bytes autograd keeps for backward during the forward +
 objective (unique storages; parameters and the input batch excluded, autocast's bf16 weight copies included).
+Under checkpointing "saved MB" counts the block inputs each checkpoint keeps for the recomputation (what autograd
+itself saves inside a checkpointed block is dropped after its forward).
 On CPU peak memory is not reported (RSS growth is not a reliable measure); "saved MB" stands in for it.
+
+FLOPs and MFU: "GFLOP" is the matmul/attention FLOPs of one forward + backward as torch.utils.flop_counter counts
+them (checkpointing off: model FLOPs, the recomputation is not counted), so MAE's visible-token encoder and the
+light decoder are measured rather than assumed; "TFLOP/s" divides it by the median step. On CUDA devices with a
+known bf16 peak (hsfm_train.engine.trainer.PEAK_FLOPS) "MFU" is that against the peak, and the JSON also holds
+``mfu_6n``, the trainer's logged estimate (6 x parameters x all tokens per second / peak, an upper bound).
+
+SDPA: before the sections, one attention call of the first encoder and the first decoder block is captured from
+a forward (under the same autocast) and rerun with each SDPA backend alone (flash, memory-efficient, cuDNN, math)
+and with flash|efficient together, forward and backward, so the log shows which backend the model's shapes and
+dtypes can use and which one PyTorch picks by default (math in bf16 on CUDA would mean the fast path is lost).
 The script always exits 0: it is a measurement, not a test.
 
     python benchmarks/bench_pretrain.py                    # tiny model, batch 16, tile 32, 224 bands
     python benchmarks/bench_pretrain.py --model base --batch 64 --tile 64 --json out.json
     python benchmarks/bench_pretrain.py --quick            # smoke run, < 1 min on CPU
     python benchmarks/bench_pretrain.py --model small --sections objective --repeats 30   # KARMA vs MAE only
+    # GPU: the large model's step time, MFU and peak memory without and with activation checkpointing
+    python benchmarks/bench_pretrain.py --model large --batch 128 --tile 64 --sections objective --objectives mae \\
+        --activation-checkpointing both
 """
 from __future__ import annotations
 
@@ -38,6 +58,7 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +69,7 @@ from omegaconf import OmegaConf
 
 from hsfm_train.config import CONFIG_DIR, to_dataclass
 from hsfm_train.models.mae import ModelConfig, SpectralMAE
+from hsfm_train.models.vit import Block
 from hsfm_train.objectives.pretrain import ObjectiveConfig, PretrainObjective
 from hsfm_train.objectives.reconstruction import masked_huber, masked_mse
 from hsfm_train.objectives.spectral import lsmm_physics, masked_spectral_angle
@@ -56,6 +78,8 @@ PAPER = {"mae_ms_per_sample": 7.19, "karma_ms_per_sample": 9.47}  # KARMA paper:
 BAND_COUNTS = (50, 100, 200, 300, 400)
 DEFAULTS = {"model": "tiny", "batch": 16, "tile": 32, "bands": 224, "repeats": 10, "warmup": 3}
 SECTIONS = ("objective", "bands", "tiles", "terms")
+OBJECTIVES = ("mae", "karma")
+CHECKPOINTING = {"off": (False,), "on": (True,), "both": (False, True)}
 QUICK = {"model": "tiny", "batch": 4, "tile": 16, "bands": 224, "repeats": 5, "warmup": 2, "tiles": "16,32"}
 
 
@@ -74,6 +98,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 4, tile 16, tiles 16,32, 5 repeats")
     parser.add_argument("--sections", default="objective,bands,tiles",
                         help="comma-separated sections to run (objective,bands,tiles,terms; default the first three)")
+    parser.add_argument("--objectives", default="mae,karma",
+                        help="comma-separated objective cases of section 1 (mae,karma; the default both)")
+    parser.add_argument("--activation-checkpointing", choices=tuple(CHECKPOINTING), default="off",
+                        help="off (default), on (every section), both (section 1 runs each case without and with)")
     parser.add_argument("--json", help="write all numbers to this JSON file")
     args = parser.parse_args()
     for key, value in (QUICK if args.quick else DEFAULTS).items():
@@ -83,6 +111,14 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.sections) - set(SECTIONS)
     if unknown or not args.sections:
         parser.error(f"--sections takes a comma-separated subset of {', '.join(SECTIONS)}, got {args.sections}")
+    args.objectives = [name.strip() for name in args.objectives.split(",") if name.strip()]
+    if set(args.objectives) - set(OBJECTIVES) or not args.objectives:
+        parser.error(f"--objectives takes a comma-separated subset of {', '.join(OBJECTIVES)}, got {args.objectives}")
+    needs = {"bands": "mae", "tiles": "mae", "terms": "karma"}
+    missing = [f"{section} needs {needs[section]}" for section in args.sections
+               if section in needs and needs[section] not in args.objectives]
+    if missing:
+        parser.error(f"--objectives {','.join(args.objectives)}: " + "; ".join(missing))
     return args
 
 
@@ -131,6 +167,7 @@ class Case:
     optimizer: torch.optim.Optimizer
     objective: PretrainObjective
     batch: dict[str, torch.Tensor]
+    checkpointing: bool = False  # the model's activation checkpointing while this case runs
     seconds: list[float] = field(default_factory=list)
     row: dict[str, Any] = field(default_factory=dict)
 
@@ -144,9 +181,13 @@ class Runner:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def forward(self, case: Case, generator: torch.Generator):
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
-        with autocast:
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+
+    def forward(self, case: Case, generator: torch.Generator, checkpointing: bool | None = None):
+        # cases may share a model: the setting is the case's (read by the model at every forward)
+        case.model.config.activation_checkpointing = case.checkpointing if checkpointing is None else checkpointing
+        with self.autocast():
             b = case.batch
             out = case.model(b["hsi"], b["wavelengths"], b["band_mask"], generator=generator)
             loss, _ = case.objective(case.model, out, b)
@@ -168,7 +209,9 @@ class Runner:
         return time.perf_counter() - start
 
     def saved_bytes(self, case: Case) -> int:
-        """Bytes of the unique storages autograd saves for backward (parameters and input batch excluded)."""
+        """Bytes of the unique storages autograd saves for backward (parameters and input batch excluded), and the
+        input of every transformer block (what a checkpoint keeps; without checkpointing its first LayerNorm saves
+        the same storage, so it is not counted twice)."""
         skip = {t.untyped_storage().data_ptr() for t in [*case.model.parameters(), *case.batch.values()]}
         seen: dict[int, int] = {}
 
@@ -178,13 +221,39 @@ class Runner:
                 seen[storage.data_ptr()] = storage.nbytes()
             return tensor
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            _, loss = self.forward(case, torch.Generator().manual_seed(0))
+        def block_input(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            if torch.is_grad_enabled():  # the forward, not a recomputation
+                pack(inputs[0])
+
+        hooks = [m.register_forward_pre_hook(block_input) for m in case.model.modules() if isinstance(m, Block)]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                _, loss = self.forward(case, torch.Generator().manual_seed(0))
+        finally:
+            for hook in hooks:
+                hook.remove()
         loss.backward()
         case.optimizer.zero_grad(set_to_none=True)
         return sum(seen.values())
 
+    def flops(self, case: Case) -> float | None:
+        """FLOPs of one forward + objective + backward as torch's flop counter counts them (matmuls, convolutions,
+        attention), with checkpointing off: the model's FLOPs, not the recomputation's."""
+        from torch.utils.flop_counter import FlopCounterMode
+        try:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                _, loss = self.forward(case, torch.Generator().manual_seed(0), checkpointing=False)
+                loss.backward()
+            return float(counter.get_total_flops())
+        except Exception as error:  # a counter gap must not cost the timings
+            print(f"flop count failed for {case.name}: {type(error).__name__}: {error}")
+            return None
+        finally:
+            case.optimizer.zero_grad(set_to_none=True)
+
     def run(self, cases: list[Case], warmup: int, repeats: int) -> None:
+        peak = peak_flops(self.device)
         for case in cases:
             for _ in range(max(1, warmup)):  # at least one: it also reads the token count
                 out = self.step(case)
@@ -196,7 +265,16 @@ class Runner:
             n = case.batch["hsi"].shape[0]
             ms = 1e3 * statistics.median(case.seconds)
             case.row.update(ms_per_step=ms, ms_per_sample=ms / n, best_ms_per_step=1e3 * min(case.seconds),
-                            seconds=case.seconds, saved_MB=self.saved_bytes(case) / 2**20)
+                            seconds=case.seconds, saved_MB=self.saved_bytes(case) / 2**20,
+                            activation_checkpointing=case.checkpointing)
+            flops = self.flops(case)
+            case.row.update(GFLOP_per_step=None if flops is None else flops / 1e9,
+                            TFLOP_per_s=None if flops is None else flops / (ms / 1e3) / 1e12)
+            if peak is not None:
+                parameters = sum(p.numel() for p in case.model.parameters())
+                tokens_per_s = n * case.row["tokens_per_sample"] / (ms / 1e3)
+                case.row.update(mfu=None if flops is None else flops / (ms / 1e3) / peak,
+                                mfu_6n=6 * parameters * tokens_per_s / peak, peak_TFLOP_per_s=peak / 1e12)
             if self.cuda:
                 self.sync()
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -207,22 +285,31 @@ class Runner:
                 case.row.update(peak_MB=peak / 2**20, step_peak_MB=(peak - before) / 2**20)
 
 
+def _figure(value: float | None, spec: str, width: int) -> str:
+    return f"{value:{width}{spec}}" if value is not None else f"{'-':>{width}}"
+
+
 def print_section(title: str, cases: list[Case], key: str, cuda: bool) -> dict[str, Any]:
     base = cases[0].row
+    mfu = any("mfu" in case.row for case in cases)
     print(f"\n{title}")
-    header = (f"{key:>8} {'tokens':>6} {'ms/step':>8} {'best':>8} {'ms/sample':>9} {'time x':>7} {'saved MB':>8} "
-              f"{'saved x':>7}" + (f" {'peak MB':>8} {'step MB':>8} {'step x':>7}" if cuda else ""))
+    header = (f"{key:>10} {'tokens':>6} {'ms/step':>8} {'best':>8} {'ms/sample':>9} {'time x':>7} {'saved MB':>8} "
+              f"{'saved x':>7}" + (f" {'peak MB':>8} {'step MB':>8} {'step x':>7}" if cuda else "")
+              + f" {'GFLOP':>8} {'TFLOP/s':>7}" + (f" {'MFU':>6}" if mfu else ""))
     print(header + "\n" + "-" * len(header))
     for case in cases:
         r = case.row
         r["relative_time"] = r["ms_per_step"] / base["ms_per_step"]
         r["relative_saved"] = r["saved_MB"] / base["saved_MB"]
-        line = (f"{case.name:>8} {r['tokens_per_sample']:6d} {r['ms_per_step']:8.1f} {r['best_ms_per_step']:8.1f} "
+        line = (f"{case.name:>10} {r['tokens_per_sample']:6d} {r['ms_per_step']:8.1f} {r['best_ms_per_step']:8.1f} "
                 f"{r['ms_per_sample']:9.2f} {r['relative_time']:6.2f}x {r['saved_MB']:8.1f} "
                 f"{r['relative_saved']:6.2f}x")
         if cuda:
             r["relative_step_peak"] = r["step_peak_MB"] / base["step_peak_MB"]
             line += f" {r['peak_MB']:8.0f} {r['step_peak_MB']:8.0f} {r['relative_step_peak']:6.2f}x"
+        line += f" {_figure(r.get('GFLOP_per_step'), '.1f', 8)} {_figure(r.get('TFLOP_per_s'), '.2f', 7)}"
+        if mfu:
+            line += f" {_figure(None if r.get('mfu') is None else 100 * r['mfu'], '.1f', 5)}%"
         print(line)
     print(f"tokens: per sample; x: relative to the first row ({cases[0].name})")
     return {case.name: case.row for case in cases}
@@ -272,6 +359,109 @@ def time_terms(runner: Runner, case: Case, repeats: int) -> dict[str, dict[str, 
     return rows
 
 
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak (FLOP/s) from the trainer's table; None off CUDA or for an unknown device."""
+    if device.type != "cuda":
+        return None
+    try:
+        from hsfm_train.engine.trainer import PEAK_FLOPS
+    except Exception:  # the table moved: report no MFU rather than fail
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def capture_attention(runner: Runner, case: Case) -> dict[str, tuple[torch.Tensor, ...]]:
+    """q, k, v of the first encoder and the first decoder block's SDPA call in one forward of the case (its
+    autocast, no grad), as the model makes them (dtype, strides)."""
+    model, calls = case.model, {}
+    original = torch.nn.functional.scaled_dot_product_attention
+    blocks = {"encoder": model.blocks[0].attn, "decoder": model.decoder_blocks[0].attn}
+    current: list[str] = []
+
+    def spy(q, k, v, *args, **kwargs):
+        if current and current[-1] not in calls:
+            calls[current[-1]] = (q, k, v, args, kwargs)
+        return original(q, k, v, *args, **kwargs)
+
+    hooks = []
+    for name, module in blocks.items():
+        hooks.append(module.register_forward_pre_hook(lambda m, i, name=name: current.append(name)))
+        hooks.append(module.register_forward_hook(lambda m, i, o: current.pop() and None))  # None: output kept
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            runner.forward(case, torch.Generator().manual_seed(0), checkpointing=False)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def sdpa_report(runner: Runner, case: Case) -> dict[str, Any]:
+    """Which SDPA backends run the model's own attention calls (forward + backward), each alone, flash|efficient
+    together, and the one PyTorch picks by default."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    names = {getattr(SDPBackend, b).value: b.lower() for b in SDPBackend.__members__}
+    trials = {"flash": [SDPBackend.FLASH_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+              "cudnn": [SDPBackend.CUDNN_ATTENTION] if hasattr(SDPBackend, "CUDNN_ATTENTION") else None,
+              "math": [SDPBackend.MATH],
+              "flash|efficient": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]}
+    report = {}
+    for where, (q, k, v, args, kwargs) in capture_attention(runner, case).items():
+        entry: dict[str, Any] = {"shape": list(q.shape), "dtype": str(q.dtype).replace("torch.", ""),
+                                 "last_dim_stride": [t.stride(-1) for t in (q, k, v)],
+                                 "contiguous": all(t.is_contiguous() for t in (q, k, v)),
+                                 "extra_arguments": sorted(kwargs) + ["positional"] * len(args)}
+        inputs = [t.detach() for t in (q, k, v)]
+        try:  # asked with inputs that require grad, as in training (some backends are chosen for inference only)
+            choice = torch._fused_sdp_choice(*_strided_leaves(inputs), *args, **kwargs)
+            entry["default"] = names.get(int(choice), "unknown")
+        except Exception as error:
+            entry["default"] = f"unknown ({type(error).__name__})"
+        for label, backends in trials.items():
+            if backends is None:
+                entry[label] = "not in this torch"
+                continue
+            leaves = _strided_leaves(inputs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    with sdpa_kernel(backends):
+                        out = torch.nn.functional.scaled_dot_product_attention(*leaves, *args, **kwargs)
+                    out.float().sum().backward()  # the backward kernel of the same backend (chosen in forward)
+                    runner.sync()
+                    entry[label] = "ok"
+                except Exception as error:  # RuntimeError "no viable backend" (with the reasons warned)
+                    reasons = [str(w.message).splitlines()[0] for w in caught]
+                    entry[label] = "no: " + "; ".join(reasons or [str(error).splitlines()[0]])[:300]
+        report[where] = entry
+    return report
+
+
+def _strided_leaves(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of the captured tensors as leaves that require grad, with their strides (SDPA's kernels check
+    strides, not only shapes; clone() would make them contiguous)."""
+    leaves = []
+    for source in inputs:
+        leaf = torch.empty_strided(source.size(), source.stride(), dtype=source.dtype, device=source.device)
+        leaves.append(leaf.copy_(source).requires_grad_(True))
+    return leaves
+
+
+def print_sdpa(report: dict[str, Any]) -> None:
+    print("\nSDPA backends for the model's attention calls (forward + backward; 'default' = PyTorch's pick)")
+    for where, entry in report.items():
+        print(f"  {where}: q {entry['shape']} {entry['dtype']}, last-dim strides {entry['last_dim_stride']}, "
+              f"contiguous {entry['contiguous']}, extra arguments {entry['extra_arguments'] or 'none'}; "
+              f"default {entry['default']}")
+        for label in ("flash", "efficient", "cudnn", "math", "flash|efficient"):
+            print(f"    {label:>15}: {entry[label]}")
+        if entry["default"] == "math" and entry["dtype"] in ("bfloat16", "float16"):
+            print(f"  WARNING: {where} attention in {entry['dtype']} runs SDPA's math fallback (no fused kernel)")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -294,38 +484,73 @@ def main() -> int:
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{'bf16 autocast' if cuda else 'fp32'}")
     print(f"model {args.model}, batch {args.batch}, tile {args.tile}, bands {args.bands}, tiles {tiles}, "
-          f"warm-up {args.warmup}, repeats {args.repeats} (medians; 'best' = fastest step)")
+          f"warm-up {args.warmup}, repeats {args.repeats} (medians; 'best' = fastest step), objectives "
+          f"{','.join(args.objectives)}, activation checkpointing {args.activation_checkpointing}")
+    settings = CHECKPOINTING[args.activation_checkpointing]
+    primary = settings[0]  # the setting of the sections after the first
+
+    def label(objective: str, checkpointing: bool) -> str:
+        return objective + ("+ckpt" if checkpointing else "")
+
     results: dict[str, Any] = {"command": sys.argv, "device": str(device), "device_name": device_name(device),
                                "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args)}
     try:
-        runner, cases = Runner(device), {}
+        runner, cases, section_cases = Runner(device), {}, []
         for name, (model_config, objective_config) in presets(args.model).items():
+            if name not in args.objectives:
+                continue
             torch.manual_seed(0)
             model = SpectralMAE(model_config).to(device).train()
             objective = PretrainObjective(objective_config)
             objective.check_model(model)
-            cases[name] = Case(name, model, torch.optim.AdamW(model.parameters(), lr=1e-4), objective,
-                               synthetic_batch(args.batch, args.bands, args.tile, 380.0, 2500.0, device))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            batch = synthetic_batch(args.batch, args.bands, args.tile, 380.0, 2500.0, device)
+            for checkpointing in settings:  # with "both", two cases on one model, optimiser and batch
+                section_cases.append(Case(label(name, checkpointing), model, optimizer, objective, batch,
+                                          checkpointing))
+            cases[name] = section_cases[-len(settings)]
             results.setdefault("parameters", {})[name] = sum(p.numel() for p in model.parameters())
-        mae = cases["mae"]
+        first = next(iter(cases.values()))
+        results["sdpa"] = sdpa_report(runner, first)
+        print_sdpa(results["sdpa"])
+        mae = cases.get("mae")
 
         if "objective" in args.sections:
-            runner.run(list(cases.values()), args.warmup, args.repeats)
+            runner.run(section_cases, args.warmup, args.repeats)
             results["objective"] = print_section(f"1. objective ({args.bands} bands, tile {args.tile})",
-                                                 list(cases.values()), "case", cuda)
-            ratio = cases["karma"].row["ms_per_step"] / mae.row["ms_per_step"]
-            best_ratio = cases["karma"].row["best_ms_per_step"] / mae.row["best_ms_per_step"]
-            paper = PAPER["karma_ms_per_sample"] / PAPER["mae_ms_per_sample"]
-            results["karma_over_mae"], results["paper_karma_over_mae"] = ratio, paper
-            results["karma_over_mae_best"] = best_ratio
-            print(f"KARMA costs {100 * (ratio - 1):+.1f}% per step over MAE (fastest steps: "
-                  f"{100 * (best_ratio - 1):+.1f}%; paper: {100 * (paper - 1):+.1f}%, "
-                  f"{PAPER['karma_ms_per_sample']} vs {PAPER['mae_ms_per_sample']} ms per sample); parameters "
-                  f"MAE {results['parameters']['mae']:,}, KARMA {results['parameters']['karma']:,}")
+                                                 section_cases, "case", cuda)
+            if "karma" in cases and mae is not None:
+                ratio = cases["karma"].row["ms_per_step"] / mae.row["ms_per_step"]
+                best_ratio = cases["karma"].row["best_ms_per_step"] / mae.row["best_ms_per_step"]
+                paper = PAPER["karma_ms_per_sample"] / PAPER["mae_ms_per_sample"]
+                results["karma_over_mae"], results["paper_karma_over_mae"] = ratio, paper
+                results["karma_over_mae_best"] = best_ratio
+                print(f"KARMA costs {100 * (ratio - 1):+.1f}% per step over MAE (fastest steps: "
+                      f"{100 * (best_ratio - 1):+.1f}%; paper: {100 * (paper - 1):+.1f}%, "
+                      f"{PAPER['karma_ms_per_sample']} vs {PAPER['mae_ms_per_sample']} ms per sample); parameters "
+                      f"MAE {results['parameters']['mae']:,}, KARMA {results['parameters']['karma']:,}")
+            if len(settings) == 2:
+                results["checkpointing"] = {}
+                for name in cases:
+                    off = results["objective"][label(name, False)]
+                    on = results["objective"][label(name, True)]
+                    summary = {"time_x": on["ms_per_step"] / off["ms_per_step"],
+                               "saved_x": on["saved_MB"] / off["saved_MB"]}
+                    text = (f"activation checkpointing ({name}): step time x{summary['time_x']:.2f} "
+                            f"({off['ms_per_step']:.1f} -> {on['ms_per_step']:.1f} ms), saved activations "
+                            f"x{summary['saved_x']:.2f} ({off['saved_MB']:.1f} -> {on['saved_MB']:.1f} MB)")
+                    if cuda:
+                        summary.update(peak_x=on["peak_MB"] / off["peak_MB"],
+                                       step_peak_x=on["step_peak_MB"] / off["step_peak_MB"])
+                        text += (f", peak x{summary['peak_x']:.2f} ({off['peak_MB']:.0f} -> {on['peak_MB']:.0f} MB;"
+                                 f" above the step's start x{summary['step_peak_x']:.2f})")
+                    results["checkpointing"][name] = summary
+                    print(text)
 
         if "bands" in args.sections:
             band_cases = [Case(str(b), mae.model, mae.optimizer, mae.objective,
-                               synthetic_batch(args.batch, b, args.tile, 400.0, 2500.0, device)) for b in BAND_COUNTS]
+                               synthetic_batch(args.batch, b, args.tile, 400.0, 2500.0, device), primary)
+                          for b in BAND_COUNTS]
             runner.run(band_cases, args.warmup, args.repeats)
             results["bands"] = print_section(f"2. band count (MAE, tile {args.tile}, 400-2500 nm)", band_cases,
                                              "bands", cuda)
@@ -335,7 +560,8 @@ def main() -> int:
 
         if "tiles" in args.sections:
             tile_cases = [Case(str(t), mae.model, mae.optimizer, mae.objective,
-                               synthetic_batch(args.batch, args.bands, t, 380.0, 2500.0, device)) for t in tiles]
+                               synthetic_batch(args.batch, args.bands, t, 380.0, 2500.0, device), primary)
+                          for t in tiles]
             runner.run(tile_cases, args.warmup, args.repeats)
             results["tiles"] = print_section(f"3. tile size (MAE, {args.bands} bands)", tile_cases, "tile", cuda)
             print(f"tokens per sample = spectral groups x (tile / patch {mae.model.config.patch_size})^2; the "

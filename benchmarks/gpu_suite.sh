@@ -3,11 +3,16 @@
 #   1. the compiled Triton kernels against their PyTorch references (benchmarks/gpu_kernel_check.py)
 #   2. the kernel benchmarks (benchmarks/bench_kernels.py)
 #   3. one pretraining step of the base model in bf16, with MFU (benchmarks/bench_pretrain.py --model base)
-#   4. the probe (hsfm probe) on Indian Pines with a random-init backbone, on the GPU
+#   4. the MAE step of the large model in bf16 without and with activation checkpointing: step time, MFU, peak
+#      memory (bench_pretrain.py --model large --activation-checkpointing both; batch 128 of 64x64 tiles: ~11 TFLOP
+#      and, by the saved-tensor count on CPU, at most ~12 GB of activations per step, ~6 GB of weights + AdamW)
+#   5. the probe (hsfm probe) on Indian Pines with a random-init backbone, on the GPU
+# Steps 3 and 4 also print which SDPA backends (flash, memory-efficient, cuDNN, math) the models' attention uses.
 # Figures land in OUT (default benchmarks/gpu_out, or $OUT on the device tool's machine) as JSON and logs, to be
 # copied into docs/benchmarks.md with the device name (device.txt).
 #
-# Without a GPU (CI, a laptop) the same script runs the CPU-safe parts in their quick forms, so it cannot rot.
+# Without a GPU (CI, a laptop) the same script runs the CPU-safe parts in their quick forms, so it cannot rot
+# (step 4 on the tiny model: the large one is far too slow on a CPU).
 #
 # On the device tool's machine: its python3 holds torch and triton but not every dependency. Before the call,
 # here: `bash benchmarks/gpu_wheels.sh` (wheels for the missing pure-Python packages into .whl/, git-ignored) and
@@ -59,10 +64,14 @@ if [ -n "$GPU" ]; then
   step bench_kernels 150 "$PYTHON" benchmarks/bench_kernels.py --json "$OUT_DIR/bench_kernels.json"
   step bench_pretrain_base 150 "$PYTHON" benchmarks/bench_pretrain.py --model base --batch 64 --tile 64 \
     --json "$OUT_DIR/bench_pretrain_base.json"
+  step bench_pretrain_large 120 "$PYTHON" benchmarks/bench_pretrain.py --model large --batch 128 --tile 64 \
+    --sections objective --objectives mae --activation-checkpointing both --json "$OUT_DIR/bench_pretrain_large.json"
   PROBE_ARGS=(shots=[5,10] seeds=5)
 else
   step bench_kernels 300 "$PYTHON" benchmarks/bench_kernels.py --quick --no-compile --json "$OUT_DIR/bench_kernels.json"
   step bench_pretrain_tiny 300 "$PYTHON" benchmarks/bench_pretrain.py --quick --json "$OUT_DIR/bench_pretrain.json"
+  step bench_pretrain_ckpt 120 "$PYTHON" benchmarks/bench_pretrain.py --quick --sections objective --objectives mae \
+    --activation-checkpointing both --json "$OUT_DIR/bench_pretrain_ckpt.json"
   PROBE_ARGS=(shots=[5] seeds=2 probes=[linear])
 fi
 if [ -n "$SCENE" ]; then

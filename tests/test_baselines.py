@@ -41,7 +41,7 @@ class _Predicting(torch.nn.Module):
 
     def forward(self, hsi, wavelengths, band_mask=None, **kwargs):
         out = self.model(hsi, wavelengths, band_mask, **kwargs)
-        return dataclasses.replace(out, prediction=self.predict(hsi))
+        return out.replace(prediction=self.predict(hsi))
 
 
 @pytest.fixture(scope="module")

@@ -534,3 +534,187 @@ def test_decoder_features_are_the_unmasked_forward_pass():
     torch.testing.assert_close(features, out.decoder_features.flatten(1, 2), atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="encoder-only"):
         SpectralMAE(ModelConfig(), with_decoder=False).decoder_features(hsi, lam)
+
+
+# -------------------------------------------------------------------------------- activation checkpointing
+
+
+def _step(checkpointing: bool, autocast: bool = False, drop_path: float = 0.3):
+    """One seeded training forward + backward of a tiny model: (prediction, loss, gradients, the next global
+    random number). The weights, the masking generator and the global seed are the same for every call."""
+    torch.manual_seed(0)
+    model = SpectralMAE(ModelConfig(drop_path=drop_path, activation_checkpointing=checkpointing)).train()
+    wavelengths = _wavelengths(BAND_SETS["aviris224"][0])
+    hsi = torch.randn(4, wavelengths.numel(), 16, 16)
+    torch.manual_seed(1)  # stochastic depth draws from the global generator
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with context:
+        out = model(hsi, wavelengths, generator=_generator(0))
+        loss = (out.prediction.float() - hsi).square().mean()
+    loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.prediction.detach(), loss.detach(), gradients, torch.rand(1)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(autocast):
+    """Recomputing the blocks in backward changes nothing: same prediction, loss and gradients (stochastic depth
+    draws the same per-sample masks when recomputed: the RNG state is kept), and the global RNG ends where it
+    would without checkpointing, so a run's later random draws do not depend on the option either."""
+    prediction, loss, gradients, after = _step(False, autocast)
+    prediction_ckpt, loss_ckpt, gradients_ckpt, after_ckpt = _step(True, autocast)
+    tight = {"rtol": 1e-6, "atol": 1e-7}
+    torch.testing.assert_close(prediction_ckpt, prediction, **tight)
+    torch.testing.assert_close(loss_ckpt, loss, **tight)
+    assert set(gradients_ckpt) == set(gradients) and len(gradients) > 0
+    for name, grad in gradients.items():
+        assert torch.allclose(gradients_ckpt[name], grad, **tight), name
+    assert torch.equal(after_ckpt, after)
+    # not vacuous: stochastic depth is in effect (another global seed drops other samples' branches)
+    torch.manual_seed(0)
+    model = SpectralMAE(ModelConfig(drop_path=0.3)).train()
+    wavelengths = _wavelengths(BAND_SETS["aviris224"][0])
+    hsi = torch.randn(4, wavelengths.numel(), 16, 16)
+    torch.manual_seed(2)
+    with torch.no_grad():  # no grad: no checkpointing either way; the draws are the same as in training
+        other = model(hsi, wavelengths, generator=_generator(0)).prediction
+    assert not torch.allclose(other, prediction.float(), atol=1e-3)
+
+
+def test_activation_checkpointing_runs_only_when_training_with_grad(monkeypatch):
+    """Each encoder and decoder block goes through torch.utils.checkpoint (non-reentrant) in a training forward
+    with grad; evaluation, no_grad and the default config run the blocks directly."""
+    import hsfm_train.models.vit as vit
+
+    calls = []
+    real = vit.checkpoint
+
+    def spy(function, *args, **kwargs):
+        calls.append(kwargs)
+        return real(function, *args, **kwargs)
+
+    monkeypatch.setattr(vit, "checkpoint", spy)
+    config = ModelConfig(activation_checkpointing=True)
+    torch.manual_seed(0)
+    model = SpectralMAE(config)
+    wavelengths = _wavelengths(BAND_SETS["aviris224"][0])
+    hsi = torch.randn(2, wavelengths.numel(), 16, 16)
+
+    model.train()
+    model(hsi, wavelengths, generator=_generator(0))
+    assert len(calls) == config.depth + config.decoder_depth
+    assert all(kw.get("use_reentrant") is False and kw.get("preserve_rng_state", True) for kw in calls)
+    calls.clear()
+    with torch.no_grad():
+        model(hsi, wavelengths, generator=_generator(0))
+    model.eval()
+    model(hsi, wavelengths, generator=_generator(0))
+    model.encode(hsi, wavelengths)
+    assert calls == []
+    plain = SpectralMAE(ModelConfig()).train()
+    plain(hsi, wavelengths, generator=_generator(0))
+    assert calls == []
+
+
+def _saved_for_backward(model: SpectralMAE, hsi: torch.Tensor, wavelengths: torch.Tensor) -> tuple[int, int]:
+    """(tensors autograd saves while a block's forward runs, bytes of the unique storages held for backward
+    over the whole forward: what autograd saves plus each block's input, which a checkpoint keeps)."""
+    from hsfm_train.models.vit import Block
+
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), hsi, wavelengths]}
+    held: dict[int, int] = {}
+    inside = [0]
+    in_blocks = [0]
+
+    def remember(tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            held[storage.data_ptr()] = storage.nbytes()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        remember(tensor)
+        in_blocks[0] += inside[0] > 0
+        return tensor
+
+    def enter(module, inputs):
+        remember(inputs[0])
+        inside[0] += 1
+
+    def leave(module, inputs, output):
+        inside[0] -= 1
+
+    hooks = [hook for m in model.modules() if isinstance(m, Block)
+             for hook in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = model(hsi, wavelengths, generator=_generator(0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out.prediction.square().mean().backward()  # the graph is usable
+    return in_blocks[0], sum(held.values())
+
+
+def test_activation_checkpointing_keeps_fewer_activations_for_backward():
+    """With checkpointing nothing is saved for backward inside a block (only its input is kept), so the
+    activation memory of one training forward shrinks; measured with saved-tensor hooks, not timed."""
+    wavelengths = _wavelengths(np.linspace(420.0, 2450.0, 24))
+    torch.manual_seed(0)
+    hsi = torch.randn(4, wavelengths.numel(), 32, 32)
+    counts = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = SpectralMAE(ModelConfig(activation_checkpointing=checkpointing, drop_path=0.1)).train()
+        counts[checkpointing] = _saved_for_backward(model, hsi, wavelengths)
+    (inside_off, bytes_off), (inside_on, bytes_on) = counts[False], counts[True]
+    assert inside_off > 0 and inside_on == 0
+    assert bytes_on < 0.7 * bytes_off, counts  # 0.53x with torch 2.13 (the rest: tokenizer, decoder head)
+
+
+# ------------------------------------------------------------------------------------- attention in bf16
+
+
+def test_attention_in_bf16_autocast_is_bf16_and_matches_fp32():
+    from hsfm_train.models.vit import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(128, 4)
+    x = torch.randn(3, 65, 128)
+    with torch.no_grad():
+        expected = attention(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = attention(x)
+    assert got.dtype == torch.bfloat16
+    scale = expected.abs().max()
+    torch.testing.assert_close(got.float(), expected, rtol=0.0, atol=float(3e-2 * scale))
+    assert (got.float() - expected).abs().mean() < 5e-3 * scale
+
+
+def test_every_sdpa_call_gets_what_the_fused_kernels_accept(monkeypatch):
+    """Under bf16 autocast the model's attention calls SDPA with bf16 q, k, v of one dtype, the head dim
+    innermost (stride 1) and no mask, dropout or other argument: nothing that forces the math fallback (the GPU
+    suite's bench_pretrain.py reports the backend the GPU actually picks)."""
+    from torch.nn import functional as F
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q, k, v, args, kwargs))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    config = ModelConfig()
+    torch.manual_seed(0)
+    model = SpectralMAE(config).train()
+    wavelengths = _wavelengths(BAND_SETS["aviris224"][0])
+    hsi = torch.randn(2, wavelengths.numel(), 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(hsi, wavelengths, generator=_generator(0))
+    assert out.prediction.dtype == torch.bfloat16
+    assert len(seen) == config.depth + config.decoder_depth
+    for q, k, v, args, kwargs in seen:
+        assert {t.dtype for t in (q, k, v)} == {torch.bfloat16}
+        assert [t.stride(-1) for t in (q, k, v)] == [1, 1, 1]
+        assert q.dim() == 4 and q.shape[-1] % 8 == 0  # [N, heads, tokens, head dim]; head dim a multiple of 8
+        assert args == () and kwargs == {}

@@ -14,9 +14,13 @@ is ``latest`` rewritten (temp + fsync + rename), and only after that are old che
 SIGKILL at any instant leaves a complete checkpoint. Readers check the manifest (sizes in ``latest()``,
 sha256 in ``load()``) instead of trusting names.
 
-Distributed: only the main process writes (the caller handles barriers); the RNG state saved is the main
-process's. Sharded optimizer states (DeepSpeed ZeRO, FSDP) are out of scope for now: ``optimizer_state``
-must be a full, unsharded ``state_dict``.
+Distributed (format 2): the main process writes the consolidated files (``model.safetensors``, a full
+``optimizer_state`` when the engine does not shard it, ``state.json``); with ``rank_state`` every rank also writes
+``rank_NNNNN.json`` + ``rank_NNNNN.safetensors`` (its optimiser shard and RNG) into the same partial directory.
+The ranks meet at barriers (``ranks``: the job's processes); the main process writes the manifest, listing every
+rank's file with the size and sha256 that rank measured, only after all of them succeeded, so a rank that fails or
+dies leaves no complete checkpoint behind. Multi-node jobs need ``directory`` on a filesystem every node shares.
+Format 1 checkpoints (one process, no rank files) load as before.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import torch
 from hsfm_train.io import file_sha256, fsync_path, read_json, write_json_atomic
 from hsfm_train.errors import ConfigError, DataFormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _REQUIRED = ("model.safetensors", "state.json")
@@ -147,52 +151,135 @@ class LoadedCheckpoint:
     extra: dict | None
     rng: tuple[Any, dict[str, torch.Tensor]] | None  # pass as set_rng_state(*rng)
     path: Path | None = None
+    world_size: int = 1  # processes that wrote it
+    rank_state: Any = None  # the loading rank's own file, when the checkpoint has one for it
+
+
+class Ranks:
+    """The processes of a job, as the checkpointer needs them; this default is one process. The trainer passes
+    one built on torch.distributed."""
+
+    is_main_process, process_index, num_processes = True, 0, 1
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's ``value`` on every rank."""
+        return value
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` on the main process (rank order); other ranks get a list too."""
+        return [value]
+
+
+def rank_file(rank: int, suffix: str) -> str:
+    return f"rank_{rank:05d}.{suffix}"
 
 
 class Checkpointer:
     """Writes ``directory/step_XXXXXXXX/`` checkpoints atomically and keeps the newest ``keep_last``."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 3, is_main_process: bool = True):
+    def __init__(self, directory: str | Path, keep_last: int = 3, is_main_process: bool = True,
+                 ranks: Ranks | None = None):
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ConfigError(f"keep_last must be an int >= 1, got {keep_last!r}")
         self.directory = Path(directory)
         self.keep_last = keep_last
-        self.is_main_process = is_main_process
+        self.ranks = ranks or Ranks()
+        self.is_main_process = is_main_process and self.ranks.is_main_process
 
     def save(self, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict | None = None,
-             scheduler_state: dict | None = None, extra: dict | None = None, include_rng: bool = True) -> Path:
+             scheduler_state: dict | None = None, extra: dict | None = None, include_rng: bool = True,
+             rank_state: Any = None) -> Path:
+        """Write checkpoint ``step``. ``rank_state``: this rank's own state (every rank passes one, or none
+        does); the other arguments matter on the main process only."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"checkpoint step must be an int >= 0, got {step!r}")
         final = self.directory / f"step_{step:08d}"
+        if rank_state is not None or self.ranks.num_processes > 1:
+            return self._save_with_ranks(final, step, rank_state, model_state=model_state,
+                                         optimizer_state=optimizer_state, scheduler_state=scheduler_state,
+                                         extra=extra, include_rng=include_rng)
         if not self.is_main_process:
             return final
         # Encode everything before touching the disk so bad input fails with nothing written.
-        tensor_files = {"model.safetensors": _cpu_copies(model_state, "model_state")}
-        json_files: dict[str, Any] = {}
-        if optimizer_state is not None:
-            json_files["optimizer.json"], tensors = encode_state(optimizer_state)
-            tensor_files["optimizer.safetensors"] = _cpu_copies(tensors, "optimizer_state")
-        tree, tensors = encode_state({"scheduler_state": scheduler_state, "extra": extra})
-        if tensors:
-            tensor_files["state.safetensors"] = _cpu_copies(tensors, "scheduler_state/extra")
-        rng_tree = None
-        if include_rng:
-            rng_tree, tensors = rng_state()
-            tensor_files["rng.safetensors"] = _cpu_copies(tensors, "rng")
-        json_files["state.json"] = {"format_version": FORMAT_VERSION, "step": step, "state": tree, "rng": rng_tree}
+        files = _encode_main(step, model_state=model_state, optimizer_state=optimizer_state,
+                             scheduler_state=scheduler_state, extra=extra, include_rng=include_rng)
+        self._write_main(self._partial(final), final, step, files, {})
+        return final
 
+    def _partial(self, final: Path) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         partial = self.directory / f"{final.name}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)  # left by an earlier failed save in this process
         partial.mkdir()
+        return partial
+
+    def _save_with_ranks(self, final: Path, step: int, rank_state: Any, **main_files: Any) -> Path:
+        """Every rank writes its file into the main process's partial directory; the main process then writes
+        its own files and the manifest. Any failure anywhere: the partial directory goes, every rank raises."""
+        ranks = self.ranks
+        partial, error = None, None
+        if ranks.is_main_process:
+            try:
+                partial = self._partial(final)
+            except OSError as failure:
+                error = f"cannot create {final.name}'s partial directory: {failure}"
+        partial, error = ranks.broadcast((partial, error))
+        if error is not None:
+            raise DataFormatError(error)
+        record: Any
+        try:
+            tree, tensors = encode_state(rank_state)
+            rng_tree, rng_tensors = rng_state()
+            tensor_files = {rank_file(ranks.process_index, "rng.safetensors"): _cpu_copies(rng_tensors, "rng")}
+            if tensors:
+                tensor_files[rank_file(ranks.process_index, "safetensors")] = _cpu_copies(tensors, "rank_state")
+            for name, payload in tensor_files.items():
+                safetensors.torch.save_file(payload, str(partial / name))
+                fsync_path(partial / name)
+            name = rank_file(ranks.process_index, "json")
+            write_json_atomic(partial / name, {"format_version": FORMAT_VERSION, "rank": ranks.process_index,
+                                               "state": tree, "rng": rng_tree})
+            record = {n: {"bytes": (partial / n).stat().st_size, "sha256": file_sha256(partial / n)}
+                      for n in [*tensor_files, name]}
+        except Exception as failure:  # noqa: BLE001 - reported to the main process, raised on every rank below
+            record = f"rank {ranks.process_index}: {type(failure).__name__}: {failure}"
+        records = ranks.gather(record)
+        outcome = None
+        if ranks.is_main_process:
+            failures = [r for r in records if isinstance(r, str)]
+            try:
+                if failures:
+                    raise DataFormatError("; ".join(failures))
+                rank_files = {name: entry for r in records for name, entry in r.items()}
+                files = _encode_main(step, world_size=ranks.num_processes, **main_files)
+                self._write_main(partial, final, step, files, rank_files)
+            except BaseException as failure:
+                shutil.rmtree(partial, ignore_errors=True)
+                outcome = f"checkpoint {final.name} not written: {failure}"
+        outcome = ranks.broadcast(outcome)
+        if outcome is not None:
+            raise DataFormatError(outcome)
+        return final
+
+    def _write_main(self, partial: Path, final: Path, step: int, files: tuple[dict, dict],
+                    rank_files: dict[str, dict]) -> None:
+        """The main process's encoded ``files``, the manifest (with ``rank_files`` as the ranks measured them),
+        then the rename into place, ``latest`` and the clean-up of old checkpoints."""
+        tensor_files, json_files = files
+        world_size = json_files["state.json"]["world_size"]
         try:
             for name, tensors in tensor_files.items():
                 safetensors.torch.save_file(tensors, str(partial / name))
                 fsync_path(partial / name)
             for name, payload in json_files.items():
                 write_json_atomic(partial / name, payload)  # temp + fsync + rename
-            files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(partial.iterdir())}
-            write_json_atomic(partial / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": files})
+            listed = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                      for p in sorted(partial.iterdir()) if p.name not in rank_files}
+            write_json_atomic(partial / MANIFEST, {"format_version": FORMAT_VERSION, "step": step,
+                                                   "world_size": world_size, "files": {**listed, **rank_files}})
             fsync_path(partial)
             self._install(partial, final)
         except BaseException:
@@ -200,7 +287,6 @@ class Checkpointer:
             raise
         self._write_latest(final.name)
         self._cleanup(keep=final)
-        return final
 
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names if it is complete (sizes checked), else the newest complete one."""
@@ -240,8 +326,9 @@ class Checkpointer:
                     pass
         return [by_step[step] for step in sorted(by_step)]
 
-    def load(self, path: str | Path | None = None) -> LoadedCheckpoint:
-        """Load a checkpoint (default: :meth:`latest`) after checking every file's size and sha256."""
+    def load(self, path: str | Path | None = None, rank: int | None = None) -> LoadedCheckpoint:
+        """Load a checkpoint (default: :meth:`latest`) after checking every file's size, and the sha256 of each
+        file it reads. ``rank``: also read that rank's own file (``rank_state``), when the checkpoint has one."""
         if path is None:
             path = self.latest()
             if path is None:
@@ -251,7 +338,10 @@ class Checkpointer:
             path = self.directory / path
         if not path.is_dir():
             raise ConfigError(f"{path} is not a checkpoint directory")
-        files = _verify(path, check_hashes=True)["files"]
+        own = {rank_file(rank, suffix) for suffix in ("json", "safetensors", "rng.safetensors")} if rank is not None \
+            else set()
+        files = _verify(path, check_hashes=True, skip_hashes_of=lambda name: name.startswith("rank_") and
+                        name not in own)["files"]
 
         def tensors(name: str) -> dict[str, torch.Tensor]:
             if name not in files:
@@ -271,13 +361,19 @@ class Checkpointer:
                 optimizer = decode_state(read_json(path / "optimizer.json", "optimizer state"), tensors("optimizer.safetensors"))
             rest = decode_state(state["state"], tensors("state.safetensors"))
             rng = None if state["rng"] is None else (state["rng"], tensors("rng.safetensors"))
+            rank_state = None
+            if rank is not None and rank_file(rank, "json") in files:
+                mine = read_json(path / rank_file(rank, "json"), f"rank {rank} state")
+                rank_state = decode_state(mine["state"], tensors(rank_file(rank, "safetensors")))
+                rng = (mine["rng"], tensors(rank_file(rank, "rng.safetensors")))  # this rank's own generators
             return LoadedCheckpoint(step=int(state["step"]), model_state=tensors("model.safetensors"),
                                     optimizer_state=optimizer, scheduler_state=rest["scheduler_state"],
-                                    extra=rest["extra"], rng=rng, path=path)
+                                    extra=rest["extra"], rng=rng, path=path,
+                                    world_size=int(state.get("world_size", 1)), rank_state=rank_state)
         except (KeyError, TypeError) as error:
             raise DataFormatError(f"{path / 'state.json'} is malformed: missing or bad {error}") from error
 
-    def load_newest_intact(self) -> LoadedCheckpoint | None:
+    def load_newest_intact(self, rank: int | None = None) -> LoadedCheckpoint | None:
         """The newest checkpoint that loads with every checksum intact: ``latest`` first, then the older complete
         ones, newest first, each skipped one warned about by name. None in a directory with no checkpoint."""
         first = self.latest()
@@ -288,7 +384,7 @@ class Checkpointer:
         failures = []
         for number, path in enumerate([first, *older]):
             try:
-                return self.load(path)
+                return self.load(path, rank=rank)
             except DataFormatError as error:
                 failures.append(str(error))
                 following = older[number] if number < len(older) else None
@@ -340,6 +436,27 @@ class Checkpointer:
                 _remove(path)
 
 
+def _encode_main(step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict | None,
+                 scheduler_state: dict | None, extra: dict | None, include_rng: bool, world_size: int = 1
+                 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The main process's files of a checkpoint, encoded: ({safetensors file: tensors}, {json file: tree})."""
+    tensor_files = {"model.safetensors": _cpu_copies(model_state, "model_state")}
+    json_files: dict[str, Any] = {}
+    if optimizer_state is not None:
+        json_files["optimizer.json"], tensors = encode_state(optimizer_state)
+        tensor_files["optimizer.safetensors"] = _cpu_copies(tensors, "optimizer_state")
+    tree, tensors = encode_state({"scheduler_state": scheduler_state, "extra": extra})
+    if tensors:
+        tensor_files["state.safetensors"] = _cpu_copies(tensors, "scheduler_state/extra")
+    rng_tree = None
+    if include_rng:
+        rng_tree, tensors = rng_state()
+        tensor_files["rng.safetensors"] = _cpu_copies(tensors, "rng")
+    json_files["state.json"] = {"format_version": FORMAT_VERSION, "step": step, "state": tree, "rng": rng_tree,
+                                "world_size": world_size}
+    return tensor_files, json_files
+
+
 def _step_of(path: Path) -> int:
     return int(_CHECKPOINT_RE.match(path.name).group(1))
 
@@ -361,7 +478,7 @@ def _cpu_copies(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.
     return copies
 
 
-def _verify(path: Path, check_hashes: bool) -> dict:
+def _verify(path: Path, check_hashes: bool, skip_hashes_of: Any = None) -> dict:
     """The manifest of ``path``; raises DataFormatError naming the first file that does not match it."""
     manifest_path = path / MANIFEST
     try:
@@ -385,6 +502,6 @@ def _verify(path: Path, check_hashes: bool) -> dict:
             raise DataFormatError(f"{file} is listed in the manifest but missing") from error
         if actual != size:
             raise DataFormatError(f"{file} has {actual} bytes but the manifest says {size}: truncated or altered")
-        if check_hashes and file_sha256(file) != digest:
+        if check_hashes and not (skip_hashes_of and skip_hashes_of(name)) and file_sha256(file) != digest:
             raise DataFormatError(f"{file} does not match its sha256 in the manifest: corrupted or altered")
     return manifest

@@ -7,8 +7,12 @@ and the parameter groups. Everything a checkpoint holds is the ``state_dict()`` 
 optimizer, scheduler, loader, train state, and any stateful extras of the stage).
 
 Nothing here assumes one process: the data loader splits itself by rank, every decision that must agree across
-ranks (skip a non-finite step, stop on a signal) is taken on all-reduced values, and checkpoint writes happen on
-the main process between barriers. What is not here yet: DeepSpeed / FSDP sharded optimiser states.
+ranks (skip a non-finite step, stop on a signal) is taken on all-reduced values, and how the model and optimiser are
+spread over the processes (DDP, FSDP2, DeepSpeed ZeRO-2/3) is the strategy's business (``engine/distributed.py``).
+A checkpoint holds the consolidated fp32 weights (world-size independent) plus the engine's optimiser state: full
+for DDP, one shard per rank otherwise. Resuming at another world size keeps the weights, the step and the
+schedule; DDP keeps the AdamW moments too, sharded engines restart them; the data position moves to the start of
+the next epoch (the new ranks' slices of the interrupted one are unknown). Both are warned about and recorded.
 
 Exact resume: a step is a deterministic function of (weights, optimiser, scheduler, data position, step number):
 the masking noise of micro-batch m of step s comes from a generator seeded by (seed, s, m, rank), and the loader
@@ -21,17 +25,19 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+import warnings
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, gather_object
 
-from hsfm_train.engine.checkpoint import Checkpointer, set_rng_state
+from hsfm_train.engine.checkpoint import Checkpointer, Ranks, set_rng_state
+from hsfm_train.engine.distributed import STRATEGIES, ModelTwin, make_strategy
 from hsfm_train.engine.logging import RunLogger
 from hsfm_train.errors import ConfigError, DataQualityError, HsfmError
 
@@ -97,6 +103,10 @@ class TrainerConfig:
     progress: bool = True
     wandb: bool = True  # offline unless an API key is configured
     wandb_project: str = "hsfm-train"
+    strategy: str = "ddp"  # ddp (also one process) | fsdp2 | deepspeed (with trainer.deepspeed: deepspeed=zero2)
+    deepspeed: dict[str, Any] | None = None  # the DeepSpeed config (configs/deepspeed/), without what trainer.* sets
+    compile: bool = False  # torch.compile the model before the strategy wraps it
+    timeout_s: float = 600.0  # a collective that waits longer (a dead or hung rank) fails the job
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
@@ -117,6 +127,14 @@ class TrainerConfig:
             problems.append(f"eval_every must be >= 0, got {self.eval_every}")
         if self.best_mode not in ("max", "min"):
             problems.append(f"best_mode must be max or min, got {self.best_mode!r}")
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        elif (self.strategy == "deepspeed") != (self.deepspeed is not None):
+            problems.append("trainer.strategy=deepspeed goes with a DeepSpeed config: choose one with deepspeed=zero2 "
+                            "or deepspeed=zero3 (configs/deepspeed/), which sets both" if self.deepspeed is None else
+                            f"trainer.deepspeed is set but trainer.strategy is {self.strategy!r}")
+        if not self.timeout_s > 0:
+            problems.append(f"timeout_s must be > 0, got {self.timeout_s}")
         if problems:
             raise ConfigError("trainer: " + "; ".join(problems))
 
@@ -137,6 +155,8 @@ def resolve_accumulation(config: TrainerConfig, batch_size: int, processes: int)
 
 
 def make_accelerator(config: TrainerConfig) -> Accelerator:
+    """The job's processes (a torchrun / accelerate launch world, or one process) and device; the process group
+    uses gloo on CPU and fails any collective that waits longer than ``timeout_s``."""
     cuda = torch.cuda.is_available()
     if not cuda:  # tell DeepSpeed (imported by Accelerate) instead of letting it warn that it found no GPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -145,7 +165,8 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
         raise ConfigError("trainer.precision=bf16 needs a GPU; CPU training runs in fp32 (precision=auto)")
     # gloo for CPU process groups (NCCL needs GPUs); accumulation is handled by the loop, not by Accelerate
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers: list = [InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else []
+    timeout = timedelta(seconds=config.timeout_s)
+    handlers: list = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)] if distributed else []
     # a batch uses the patch projection and decoder head of its own spectral grouping only
     handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(cpu=not cuda, mixed_precision="no" if precision == "fp32" else precision,
@@ -235,6 +256,28 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
+class AcceleratorRanks(Ranks):
+    """The checkpointer's view of the job's processes, on Accelerate's collectives."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.is_main_process = accelerator.is_main_process
+        self.process_index, self.num_processes = accelerator.process_index, accelerator.num_processes
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def broadcast(self, value: Any) -> Any:
+        if self.num_processes == 1:
+            return value
+        return broadcast_object_list([value], from_process=0)[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        if self.num_processes == 1:
+            return [value]
+        return gather_object([value])
+
+
 class Trainer:
     """Runs ``step_fn(model, batch, generator) -> StepResult`` for ``config.max_steps`` optimiser steps over an
     endless stream of batches from ``loader`` (a StreamingLoader).
@@ -261,8 +304,9 @@ class Trainer:
         self.run_metadata = run_metadata or {}
         self.stateful = dict(stateful or {})
         self.output_dir = Path(output_dir)
+        self.ranks = AcceleratorRanks(accelerator)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep_last=config.keep_last,
-                                         is_main_process=accelerator.is_main_process)
+                                         ranks=self.ranks)
         batch = loader.config.batch_size
         self.effective_batch = batch * config.grad_accumulation * accelerator.num_processes
         optim = config.optim
@@ -272,13 +316,62 @@ class Trainer:
             raise ConfigError("nothing to train: the stage's parameter groups hold no trainable parameter")
         for group in groups:
             group["lr"] = self.lr * group.get("lr_scale", 1.0)
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(optim.betas))
-        floor = optim.min_lr / self.lr if self.lr > 0 else 0.0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, optim.warmup_steps, config.max_steps, floor))
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.strategy = make_strategy(accelerator, config, batch)
+        self._plain, self._groups = model, [group for group in groups if group["params"]]
+        # engines that shard or re-type the live parameters export from a weightless twin of the plain model
+        self._twin = ModelTwin(model) if config.strategy != "ddp" and accelerator.is_main_process else None
+        self._pending: dict[str, Any] | None = None  # optimiser / scheduler state to apply once set up
         self.state = TrainState()
         self.resumed_from: Path | None = None  # the checkpoint resume() loaded
+        self.resume_notes: list[str] = []  # what a resume at another world size or engine could not restore
+
+    # --------------------------------------------------------------------------------------------- the engine
+
+    def _setup(self) -> None:
+        """Wrap the model with the strategy (once), then apply the optimiser state a resume left pending."""
+        if self.strategy.model is not None:
+            return
+        optim, config = self.config.optim, self.config
+        floor = optim.min_lr / self.lr if self.lr > 0 else 0.0
+        model = torch.compile(self._plain) if config.compile else self._plain
+        self.strategy.setup(model, self._groups, tuple(optim.betas),
+                            lambda step: lr_factor(step, optim.warmup_steps, config.max_steps, floor))
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            if pending.get("optimizer") is not None:
+                self.strategy.load_optimizer_state(pending["optimizer"])
+            self.strategy.scheduler.load_state_dict(pending["scheduler"])
+
+    @property
+    def model(self) -> Any:
+        self._setup()
+        return self.strategy.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        self._setup()
+        return self.strategy.optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        self._setup()
+        return self.strategy.scheduler
+
+    def evaluation_model(self) -> torch.nn.Module:
+        """The model evaluation and figures run on; with FSDP2 / ZeRO-3 every rank must call it together."""
+        self._setup()
+        return self.strategy.evaluation_model()
+
+    def export_model(self) -> torch.nn.Module | None:
+        """On the main process: a plain module with the consolidated fp32 weights (None on the others).
+        Collective: every rank must call it."""
+        self._setup()
+        full = self.strategy.full_state()
+        if not self.accelerator.is_main_process:
+            return None
+        if self._twin is None:
+            return self.strategy.module
+        return self._twin.materialise(full)
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
@@ -286,7 +379,7 @@ class Trainer:
         """Load the latest checkpoint of this output directory, if any; returns whether one was loaded."""
         if not self.config.resume:
             return False
-        loaded = self.checkpointer.load_newest_intact()
+        loaded = self.checkpointer.load_newest_intact(rank=self.accelerator.process_index)
         if loaded is None:
             return False
         found, extra = loaded.path, loaded.extra
@@ -297,49 +390,93 @@ class Trainer:
                               f"({recorded} != {current}); use another output_dir or trainer.resume=false")
         # The optimiser and schedule come back from the checkpoint, so other settings would be silently ignored.
         recorded_optim, current_optim = extra.get("optimisation"), self._optimisation()
-        if recorded_optim is not None and recorded_optim != current_optim:
-            differing = ", ".join(f"{key}: checkpoint {recorded_optim.get(key)!r}, now {current_optim.get(key)!r}"
-                                  for key in sorted(set(recorded_optim) | set(current_optim))
-                                  if recorded_optim.get(key) != current_optim.get(key))
-            raise ConfigError(f"{found} was trained with other optimisation settings ({differing}); resuming would "
-                              "ignore yours. Use the checkpoint's settings, another output_dir, or "
-                              "trainer.resume=false to start over")
-        self.accelerator.unwrap_model(self.model).load_state_dict(loaded.model_state)
-        self.optimizer.load_state_dict(loaded.optimizer_state)
-        self.scheduler.load_state_dict(loaded.scheduler_state)
+        if recorded_optim is not None:
+            differing = ", ".join(f"{key}: checkpoint {recorded_optim.get(key)!r}, now {value!r}"
+                                  for key, value in sorted(current_optim.items())
+                                  if key in recorded_optim and recorded_optim[key] != value)
+            if differing:
+                raise ConfigError(f"{found} was trained with other optimisation settings ({differing}); resuming "
+                                  "would ignore yours. Use the checkpoint's settings, another output_dir, or "
+                                  "trainer.resume=false to start over (across world sizes, trainer.global_batch "
+                                  "keeps the effective batch)")
         for name, component in self.stateful.items():
             if name not in extra.get("stateful", {}):
                 raise ConfigError(f"{found} holds no state for {name!r}; it was written by another stage")
+        # weights first, into the plain model, before any engine wraps (and perhaps shards or re-types) it
+        self._plain.load_state_dict(loaded.model_state)
+        self._pending = {"scheduler": loaded.scheduler_state, "optimizer": self._restorable_optimizer(loaded)}
+        for name, component in self.stateful.items():
             component.load_state_dict(extra["stateful"][name])
-        loader_states = extra["loader"]
-        rank = self.accelerator.process_index
-        if len(loader_states) != self.accelerator.num_processes:
-            raise ConfigError(f"checkpoint {found} was written by {len(loader_states)} processes, this run has "
-                              f"{self.accelerator.num_processes}; exact resume needs the same world size")
-        self.loader.load_state_dict(loader_states[rank])
+        self._restore_data_position(extra["loader"], found)
         self.state.load_state_dict(extra.get("train_state", extra.get("trainer", {})))  # "trainer": before 0.2
         self.resumed_from = found
         if loaded.rng is not None:
             set_rng_state(*loaded.rng)
+        for note in self.resume_notes:
+            warnings.warn(f"resuming from {found}: {note}", stacklevel=2)
+        self._setup()
         return True
 
+    def _restorable_optimizer(self, loaded: Any) -> dict[str, Any] | None:
+        """The optimiser state this run can take from the checkpoint: the full state of an unsharded engine at any
+        world size, or this rank's shard from a run of the same engine and world size; else None (moments reset)."""
+        extra, world = loaded.extra, self.accelerator.num_processes
+        engine = extra.get("engine", {"strategy": "ddp", "sharded_optimizer": False})
+        same_engine = engine.get("strategy") == self.config.strategy and \
+            engine.get("zero_stage") == self._engine_record().get("zero_stage")
+        if same_engine and not self.strategy.sharded_optimizer:
+            return loaded.optimizer_state
+        if same_engine and loaded.world_size == world and loaded.rank_state is not None:
+            return loaded.rank_state.get("optimizer")
+        reason = (f"it was written by {loaded.world_size} processes, this run has {world}" if same_engine else
+                  f"it was written by strategy {engine.get('strategy')!r}, this run uses {self.config.strategy!r}")
+        self.resume_notes.append(f"the AdamW moments start again from zero ({reason}); the weights, step and "
+                                 "learning-rate schedule are restored")
+        return None
+
+    def _restore_data_position(self, loader_states: list[dict[str, Any]], found: Path) -> None:
+        world = self.accelerator.num_processes
+        if len(loader_states) == world:
+            self.loader.load_state_dict(loader_states[self.accelerator.process_index])
+            return
+        # another world size: the new ranks' slices of the interrupted epoch are unknown, so the stream goes on
+        # at the start of the next one (the rest of the interrupted epoch is not seen)
+        epoch = max(int(state["epoch"]) for state in loader_states) + 1
+        self.loader.set_epoch(epoch)
+        self.resume_notes.append(f"the checkpoint was written by {len(loader_states)} processes, this run has "
+                                 f"{world}: the data stream continues at the start of epoch {epoch}")
+
+    def _engine_record(self) -> dict[str, Any]:
+        record = {"strategy": self.config.strategy, "sharded_optimizer": self.strategy.sharded_optimizer,
+                  "world_size": self.accelerator.num_processes}
+        if self.config.deepspeed is not None:
+            record["zero_stage"] = int(self.config.deepspeed.get("zero_optimization", {}).get("stage", 0))
+        return record
+
     def save(self) -> Path:
+        self._setup()
         loader_states = gather_object([self.loader.state_dict()])
-        model_state = self.accelerator.get_state_dict(self.model)
+        model_state = self.strategy.full_state()  # collective; the main process gets the whole model
+        optimizer_state = self.strategy.optimizer_state()
+        sharded = self.strategy.sharded_optimizer
         extra = {"train_state": self.state.state_dict(), "loader": loader_states,
                  "stateful": {name: component.state_dict() for name, component in self.stateful.items()},
-                 "run_metadata": self.run_metadata, "optimisation": self._optimisation()}
+                 "run_metadata": self.run_metadata, "optimisation": self._optimisation(),
+                 "engine": self._engine_record()}
         path = self.checkpointer.save(self.state.step, model_state=model_state,
-                                      optimizer_state=self.optimizer.state_dict(),
-                                      scheduler_state=self.scheduler.state_dict(), extra=extra)
+                                      optimizer_state=None if sharded else optimizer_state,
+                                      scheduler_state=self.strategy.scheduler.state_dict(), extra=extra,
+                                      rank_state={"optimizer": optimizer_state if sharded else None}
+                                      if sharded or self.accelerator.num_processes > 1 else None)
         self.accelerator.wait_for_everyone()
         return path
 
     def _optimisation(self) -> dict[str, Any]:
         """What a resumed run must share with its checkpoint for the restored optimiser and schedule to be the
-        ones asked for (max_steps may change: that extends or shortens the run)."""
+        ones asked for (max_steps may change: that extends or shortens the run; the accumulation may change with
+        the world size as long as the effective batch stays)."""
         return {**{f"optim.{key}": value for key, value in asdict(self.config.optim).items()},
-                "grad_accumulation": self.config.grad_accumulation, "effective_batch": self.effective_batch}
+                "effective_batch": self.effective_batch}
 
     # -------------------------------------------------------------------------------------------------- loop
 
@@ -356,7 +493,10 @@ class Trainer:
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
         """The masking noise of (step, micro-batch, rank): a function of the step, not of the RNG's history."""
-        entropy = np.random.SeedSequence([self.seed, step, micro, self.accelerator.process_index])
+        # numbered across the job: micro-batch m of rank r is the (r x accumulation + m)-th slice of the global batch,
+        # so W ranks draw the masks one process with W times the accumulation would
+        index = self.accelerator.process_index * self.config.grad_accumulation + micro
+        entropy = np.random.SeedSequence([self.seed, step, index, 0])
         return torch.Generator().manual_seed(int(entropy.generate_state(1, np.uint64)[0] >> np.uint64(1)))
 
     def _agree(self, flag: bool) -> bool:
@@ -368,37 +508,41 @@ class Trainer:
 
     def fit(self) -> TrainState:
         config, accelerator, state = self.config, self.accelerator, self.state
+        self._setup()
+        strategy = self.strategy
         batches = self._batches()
         bar = self.logger.progress(total=config.max_steps, initial=state.step, desc="pretrain",
                                    enabled=config.progress)
         window = {"time": 0.0, "samples": 0, "tokens": 0, "steps": 0}
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
         with PreemptionFlag() as preemption:
             while state.step < config.max_steps:
                 started = time.perf_counter()
-                self.model.train()
+                strategy.model.train()
                 losses, parts_sum, samples, tokens = [], {}, 0, 0
                 for micro in range(config.grad_accumulation):
                     batch = next(batches)
-                    sync = micro == config.grad_accumulation - 1
-                    context = accelerator.no_sync(self.model) if not sync else nullcontext()
-                    with context:
+                    last = micro == config.grad_accumulation - 1
+                    with strategy.sync_gradients(last):
                         with accelerator.autocast():  # the forward only: backward runs outside autocast
-                            result = self.step_fn(self.model, batch, self._generator(state.step, micro))
-                        accelerator.backward(result.loss / config.grad_accumulation)
+                            result = self.step_fn(strategy.model, batch, self._generator(state.step, micro))
+                        strategy.backward(result.loss, config.grad_accumulation, last)
                     losses.append(result.loss.detach().float())
                     for name, value in result.parts.items():
                         parts_sum[name] = parts_sum.get(name, 0.0) + float(value) / config.grad_accumulation
                     samples += result.samples
                     tokens += result.tokens
                 clip = config.optim.clip_grad_norm if config.optim.clip_grad_norm > 0 else float("inf")
-                grad_norm = accelerator.clip_grad_norm_(parameters, clip)
                 loss_value = torch.stack(losses).mean()
-                finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_value))
-                if self._agree(not finite):
-                    # skip: the weights and the optimiser moments stay as they were; the schedule moves on so
-                    # a resumed run stays step-aligned
-                    self.optimizer.zero_grad(set_to_none=True)
+                loss_finite = bool(torch.isfinite(loss_value))
+                if accelerator.num_processes > 1:  # what is logged is the job's loss, not the main rank's share
+                    names = sorted(parts_sum)
+                    means = accelerator.reduce(torch.tensor([float(loss_value)] + [parts_sum[n] for n in names],
+                                                            device=accelerator.device), reduction="mean").cpu()
+                    loss_value, parts_sum = means[0], dict(zip(names, means[1:].tolist()))
+                # skipped: the weights and the optimiser moments stay as they were; the schedule moves on so a
+                # resumed run stays step-aligned
+                grad_norm, applied = strategy.step(clip, lambda bad: self._agree(bad or not loss_finite))
+                if not applied:
                     state.skipped_steps += 1
                     state.consecutive_skipped += 1
                     if state.consecutive_skipped > config.max_nonfinite_steps:
@@ -407,10 +551,8 @@ class Trainer:
                             f"(step {state.step}, loss {float(loss_value)}); the last good checkpoint is in "
                             f"{self.checkpointer.directory}: lower the lr or check the data")
                 else:
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
                     state.consecutive_skipped = 0
-                self.scheduler.step()
+                strategy.scheduler.step()
                 state.step += 1
                 state.samples += samples * accelerator.num_processes
                 state.last_loss = float(loss_value)
@@ -427,10 +569,10 @@ class Trainer:
                 if self.evaluate is not None and config.eval_every and state.step % config.eval_every == 0:
                     self.validate()
                 if self.figure_fn is not None and config.figure_every and state.step % config.figure_every == 0:
-                    if accelerator.is_main_process:
-                        figure = self.figure_fn(accelerator.unwrap_model(self.model), state.step)
-                        if figure is not None:
-                            self.logger.log_image("reconstruction", figure, state.step)
+                    # every rank draws (a sharded model's forward is collective); the stage writes on the main one
+                    figure = self.figure_fn(self.evaluation_model(), state.step)
+                    if figure is not None and accelerator.is_main_process:
+                        self.logger.log_image("reconstruction", figure, state.step)
                     accelerator.wait_for_everyone()
                 stop_signal = self._agree(preemption.received is not None)
                 if state.step % config.checkpoint_every == 0 or state.step == config.max_steps or stop_signal:
@@ -446,9 +588,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Run the stage's evaluation now, log it as eval/<metric> and track the best value of best_metric."""
         config, state = self.config, self.state
-        results = self.evaluate(self.accelerator.unwrap_model(self.model))
-        if not results:  # a process that does not evaluate
-            return results
+        results = self.evaluate(self.evaluation_model())  # every rank: the stage reduces the metrics
         scalars = {key: float(value) for key, value in results.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if config.best_metric is not None:
@@ -488,5 +628,5 @@ class Trainer:
         peak = next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
         if peak is None:
             return None
-        parameters = sum(p.numel() for p in self.model.parameters())
+        parameters = sum(p.numel() for p in self._plain.parameters())
         return 6 * parameters * tokens_per_second / (peak * self.accelerator.num_processes)

@@ -11,6 +11,7 @@ Shape of the computation (MAE, He et al. 2022, in one file on purpose):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from hsfm_train.errors import ConfigError
 from hsfm_train.models.heads import LSMMHead
 from hsfm_train.models.tokenizers import SpectralPatchDecoder, SpectralPatchEmbed
-from hsfm_train.models.vit import Block, init_weights, sincos_2d
+from hsfm_train.models.vit import Block, init_weights, run_blocks, sincos_2d
 
 
 @dataclass
@@ -54,6 +55,9 @@ class ModelConfig:
     # must be predicted from the others (samples with one group are masked as usual)
     group_mask_prob: float = 0.0
     drop_path: float = 0.0
+    # recompute each encoder/decoder block in backward instead of keeping its activations (training with grad
+    # only): less memory for ~one extra forward of the blocks; the maths, the losses and the gradients are the same
+    activation_checkpointing: bool = False
     lsmm: LSMMConfig = field(default_factory=LSMMConfig)
 
     def __post_init__(self) -> None:
@@ -82,16 +86,32 @@ class ModelConfig:
             raise ConfigError(f"model '{self.name}': " + "; ".join(problems))
 
 
-@dataclass
-class MAEOutput:
-    prediction: torch.Tensor  # [N, B, H, W], in the (normalised) units of the input
-    token_mask: torch.Tensor  # [N, G, P] bool, True = masked (to reconstruct)
-    membership: torch.Tensor  # [N, B, G_all] bool: which spectral group each band belongs to
-    present: torch.Tensor  # [G] ids of the groups that have tokens in this batch
-    patch_size: int
-    latent: torch.Tensor  # encoder output [N, 1 + visible, D]
-    decoder_features: torch.Tensor  # [N, G, P, Dd]
-    abundances: torch.Tensor | None = None  # [N, P, M] or [N, P, p*p, M]
+class MAEOutput(dict):
+    """What ``SpectralMAE.forward`` returns: a dict of its fields with attribute access. A dict, not a dataclass,
+    so that engines which hook the tensors a module returns (DeepSpeed ZeRO-3 gathers parameters again for the
+    backward that way) see every one of them."""
+
+    def __init__(self, prediction: torch.Tensor, token_mask: torch.Tensor, membership: torch.Tensor,
+                 present: torch.Tensor, patch_size: int, latent: torch.Tensor, decoder_features: torch.Tensor,
+                 abundances: torch.Tensor | None = None):
+        super().__init__(
+            prediction=prediction,  # [N, B, H, W], in the (normalised) units of the input
+            token_mask=token_mask,  # [N, G, P] bool, True = masked (to reconstruct)
+            membership=membership,  # [N, B, G_all] bool: which spectral group each band belongs to
+            present=present,  # [G] ids of the groups that have tokens in this batch
+            patch_size=patch_size,
+            latent=latent,  # encoder output [N, 1 + visible, D]
+            decoder_features=decoder_features,  # [N, G, P, Dd]
+            abundances=abundances)  # [N, P, M] or [N, P, p*p, M]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"MAEOutput has no field {name!r}") from None
+
+    def replace(self, **changes: Any) -> MAEOutput:
+        return MAEOutput(**{**self, **changes})
 
     def band_mask(self) -> torch.Tensor:
         """[N, B, H, W] bool: the band-pixels whose token was masked (what the reconstruction losses score)."""
@@ -120,7 +140,7 @@ class SpectralMAE(nn.Module):
         groups = self.patch_embed.num_groups
         self.group_embed = nn.Parameter(torch.zeros(groups, c.embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
-        rates = torch.linspace(0, c.drop_path, c.depth).tolist()
+        rates = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()  # cpu: buildable on "meta" too
         self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, drop_path=r) for r in rates)
         self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
         if with_decoder:
@@ -169,9 +189,11 @@ class SpectralMAE(nn.Module):
 
     def _encoder(self, tokens: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, self._checkpointing()))
+
+    def _checkpointing(self) -> bool:
+        """Whether the blocks run under activation checkpointing now: configured, training, grad enabled."""
+        return self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
 
     # ---------------------------------------------------------------------------------------------- masking
 
@@ -211,8 +233,7 @@ class SpectralMAE(nn.Module):
         n, groups, patches, dim = tokens.shape
         tokens = tokens + sincos_2d(dim, *grid, tokens.device) + self.decoder_group_embed[present][:, None, :]
         x = torch.cat([cls, tokens.flatten(1, 2)], dim=1)
-        for block in self.decoder_blocks:
-            x = block(x)
+        x = run_blocks(self.decoder_blocks, x, self._checkpointing())
         return self.decoder_norm(x)[:, 1:].view(n, groups, patches, dim)
 
     def decoder_features(self, hsi: torch.Tensor, wavelengths: torch.Tensor, band_mask: torch.Tensor | None = None

@@ -22,6 +22,8 @@ magnitude, and spectral detail scales roughly with wavelength.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import math
 
 import torch
@@ -111,8 +113,27 @@ def check_wavelengths(wavelengths_nm: torch.Tensor, band_mask: torch.Tensor) -> 
             "wavelengths (reader option wavelengths_nm)")
 
 
+def run_group_modules(per_group: nn.ModuleList, present: torch.Tensor, inputs: Callable[[int, int], torch.Tensor],
+                      every_module: bool, example: Callable[[], torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The outputs of the group modules a batch uses (``inputs(slot, group)`` feeds the module of ``group``, the
+    ``slot``-th present one), and 0. With ``every_module``, the 0 is computed by running every other group module on
+    a zero ``example()``, all in group order, so that each module runs and gets a zero gradient rather than none on
+    every rank. Sharded engines need it: FSDP2 reduces one gradient layout on every rank and ZeRO-3 gathers a
+    module's parameters when it runs, so ranks whose batches hold other spectral groups would otherwise disagree."""
+    slots = {group: slot for slot, group in enumerate(present.tolist())}
+    outputs, unused = [], []
+    for group in (range(len(per_group)) if every_module else slots):
+        if group in slots:
+            outputs.append(per_group[group](inputs(slots[group], group)))
+        else:
+            unused.append(per_group[group](example()).sum())
+    return outputs, (torch.stack(unused).sum() * 0.0 if unused else None)
+
+
 class SpectralPatchEmbed(nn.Module):
     """[N, B, H, W] + wavelengths [N, B] -> tokens [N, G_present, P, D] and the group bookkeeping."""
+
+    every_parameter_in_graph = False  # set by engines that need a gradient for every parameter on every rank
 
     def __init__(self, embed_dim: int, patch_size: int, spectral_channels: int, group_edges_nm: list[float]):
         super().__init__()
@@ -136,16 +157,23 @@ class SpectralPatchEmbed(nn.Module):
         weights = quadrature_weights(wavelengths_nm, membership)
         response = self.response(wavelengths_nm.nan_to_num(1.0)) * weights.unsqueeze(-1)  # [N, B, K]
         present = membership.flatten(0, 1).any(dim=0).nonzero().flatten()
-        tokens = []
-        for group in present.tolist():
+        def virtual_bands(slot: int, group: int) -> torch.Tensor:
             group_response = response * membership[..., group].unsqueeze(-1)
-            virtual = torch.einsum("nbk,nbhw->nkhw", group_response, hsi)
-            tokens.append(self.projections[group](virtual).flatten(2).transpose(1, 2))  # [N, P, D]
-        return torch.stack(tokens, dim=1), membership, present
+            return torch.einsum("nbk,nbhw->nkhw", group_response, hsi)
+
+        channels = self.projections[0].in_channels
+        outputs, zero = run_group_modules(self.projections, present, virtual_bands, self.every_parameter_in_graph,
+                                          lambda: hsi.new_zeros(1, channels, self.patch_size, self.patch_size))
+        tokens = torch.stack([out.flatten(2).transpose(1, 2) for out in outputs], dim=1)  # [N, Gp, P, D]
+        if zero is not None:
+            tokens = tokens + zero
+        return tokens, membership, present
 
 
 class SpectralPatchDecoder(nn.Module):
     """Decoder tokens [N, Gp, P, Dd] -> per-band prediction [N, B, H, W] for any band set."""
+
+    every_parameter_in_graph = False  # see SpectralPatchEmbed
 
     def __init__(self, decoder_dim: int, patch_size: int, basis_size: int, num_groups: int):
         super().__init__()
@@ -162,10 +190,14 @@ class SpectralPatchDecoder(nn.Module):
         basis = self.basis(wavelengths_nm.nan_to_num(1.0))  # [N, B, K'+1]
         basis, bias = basis[..., :-1], basis[..., -1]
         prediction = bias[:, :, None, None].expand(-1, -1, patches, p * p) * 1.0
-        for slot, group in enumerate(present.tolist()):
-            coefficients = self.heads[group](tokens[:, slot]).view(n, patches, self.basis_size, p * p)
+        outputs, zero = run_group_modules(self.heads, present, lambda slot, group: tokens[:, slot],
+                                          self.every_parameter_in_graph, lambda: tokens.new_zeros(1, tokens.shape[-1]))
+        for output, group in zip(outputs, present.tolist()):
+            coefficients = output.view(n, patches, self.basis_size, p * p)
             member = membership[..., group].to(tokens.dtype)
             prediction = prediction + torch.einsum("nbk,npkx->nbpx", basis * member.unsqueeze(-1), coefficients)
+        if zero is not None:
+            prediction = prediction + zero
         # [N, B, P, p*p] -> [N, B, H, W]
         bands = prediction.shape[1]
         prediction = prediction.view(n, bands, rows, cols, p, p).permute(0, 1, 2, 4, 3, 5)

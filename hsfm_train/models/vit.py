@@ -5,10 +5,13 @@ without interpolating a learned table (HyperSIGMA's Linear(H*W -> D) embedding t
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class Attention(nn.Module):
@@ -21,6 +24,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # q, k, v are strided views of one projection with the head dim innermost (stride 1), in the projection's
+        # dtype (bf16 under autocast) and without a mask: what the flash and memory-efficient kernels accept, so
+        # nothing here sends SDPA to its math fallback (tests/test_models.py checks the call's arguments)
         q, k, v = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.num_heads)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(rearrange(out, "n h t d -> n t (h d)"))
@@ -47,6 +53,15 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self._residual(self.attn(self.norm1(x)))
         return x + self._residual(self.mlp(self.norm2(x)))
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    """``x`` through ``blocks`` in turn; with ``checkpointing`` each block's activations are dropped after its
+    forward and recomputed in backward (non-reentrant, the RNG state kept, so stochastic depth draws the same mask
+    when recomputed and the global RNG ends where it would without checkpointing)."""
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=True) if checkpointing else block(x)
+    return x
 
 
 def sincos_2d(dim: int, rows: int, cols: int, device: torch.device | None = None) -> torch.Tensor:

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 
 from hsfm_train.config import compose
 from hsfm_train.engine.logging import RunLogger
@@ -196,7 +197,7 @@ def run_training(stage: TrainingStage) -> dict[str, Any]:
         baseline = _baseline(stage, output, accelerator)
         trainer = Trainer(config.trainer, stage.model, stage.step, stage.loader, output, logger, accelerator,
                           seed=config.seed, param_groups=stage.param_groups(stage.model),
-                          evaluate=_main_process_only(stage.evaluate, accelerator) if stage.has_evaluation else None,
+                          evaluate=stage.evaluate if stage.has_evaluation else None,
                           figure_fn=stage.figure, run_metadata=stage.run_metadata(), stateful=stage.stateful())
         resumed_at = trainer.state.step if trainer.resume() else None
         stage.train_state = trainer.state  # read-only for the stage: schedules that depend on the step
@@ -215,17 +216,19 @@ def run_training(stage: TrainingStage) -> dict[str, Any]:
         if state.stopped_by != "max_steps":  # preempted: the checkpoint is written; evaluation waits for the end
             logger.summary(summary)
             return summary
-        model = accelerator.unwrap_model(trainer.model)
+        if trainer.resume_notes:
+            summary["resume_notes"] = trainer.resume_notes
+        if stage.has_evaluation:  # every rank evaluates its share; the stage merges the scores
+            model = trainer.evaluation_model()
+            trained = stage.evaluate(model)
+            summary["eval"] = {"untrained": baseline, "trained": trained}
+            logger.log({f"eval/{k}": v for k, v in trained.items() if isinstance(v, (int, float))}, step=state.step)
+            figure = stage.figure(model, state.step)
+            if figure is not None:
+                logger.log_image("figure", figure, state.step)
+        exported = trainer.export_model()  # collective: the consolidated weights, on the main process
         if accelerator.is_main_process:
-            if stage.has_evaluation:
-                trained = stage.evaluate(model)
-                summary["eval"] = {"untrained": baseline, "trained": trained}
-                logger.log({f"eval/{k}": v for k, v in trained.items() if isinstance(v, (int, float))},
-                           step=state.step)
-                figure = stage.figure(model, state.step)
-                if figure is not None:
-                    logger.log_image("figure", figure, state.step)
-            summary["export"] = str(stage.export(model, summary))
+            summary["export"] = str(stage.export(exported, summary))
             logger.summary(summary)
         accelerator.wait_for_everyone()
         return summary
@@ -234,19 +237,17 @@ def run_training(stage: TrainingStage) -> dict[str, Any]:
 def _baseline(stage: TrainingStage, output: Path, accelerator: Any) -> dict[str, Any] | None:
     """The untrained model's scores, computed once per output_dir (a resumed run reads them back)."""
     path = output / "baseline.json"
-    if path.exists():
+    exists = path.exists()
+    if accelerator.num_processes > 1:  # one answer for every rank, whatever each sees on a shared filesystem
+        exists = all(gather_object([exists]))
+    if exists:
         return read_json(path, "baseline scores")
-    if not stage.has_evaluation or not accelerator.is_main_process:
+    if not stage.has_evaluation:
         return None
-    scores = stage.evaluate(stage.model)
-    write_json_atomic(path, scores)
+    scores = stage.evaluate(stage.model)  # every rank scores its share of the plain, not yet wrapped, model
+    if accelerator.is_main_process:
+        write_json_atomic(path, scores)
     return scores
-
-
-def _main_process_only(evaluate: Any, accelerator: Any) -> Any:
-    def run(model: torch.nn.Module) -> dict[str, Any]:
-        return evaluate(model) if accelerator.is_main_process else {}
-    return run
 
 
 def _say_start(resumed_at: int | None, trainer: Trainer, config: Any, output: Path, accelerator: Any) -> None:

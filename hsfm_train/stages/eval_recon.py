@@ -18,6 +18,7 @@ import torch
 
 from hsfm_train.baselines import nearest_visible_fill, visible_mean_fill
 from hsfm_train.data.pipeline import LoaderConfig, StreamingLoader
+from hsfm_train.engine.distributed import forward_is_collective, gather_from_all, process_position
 from hsfm_train.errors import ConfigError
 from hsfm_train.metrics import _reconstruction_per_image
 from hsfm_train.models.mae import MAEOutput
@@ -81,6 +82,15 @@ class _Scores:
             return dict.fromkeys(METRICS, math.nan)
         return {metric: self.totals[key][metric] / count for metric in METRICS}
 
+    def merge(self, others: list[_Scores]) -> None:
+        """Add other ranks' sums (every image still weighs the same)."""
+        for other in others:
+            for key, totals in other.totals.items():
+                mine = self.totals.setdefault(key, dict.fromkeys(totals, 0.0))
+                for metric, value in totals.items():
+                    mine[metric] += value
+                self.counts[key] = self.counts.get(key, 0) + other.counts[key]
+
     def results(self) -> dict[str, Any]:
         results: dict[str, Any] = self.mean(None)
         for band_set in sorted(k for k in self.counts if k is not None):
@@ -97,17 +107,31 @@ def evaluate_reconstruction(model: torch.nn.Module, loader: Any, config: EvalCon
     Keys: ``psnr``, ``ssim``, ``sam_deg``, ``images`` and ``<band_set>/<metric>`` for the model; with
     ``baselines``, ``results["baselines"][name]`` holds the same metric keys (overall and per band set) for each
     name of :data:`BASELINES`, scored on the same masked pixels of the same images.
+
+    In a job of several processes, call it on every rank with the same one-process ``loader``: rank r scores the
+    batches r, r + W, r + 2W ... of the stream (each with the mask of its position), and the sums are merged, so the
+    results equal one process's on the same data. Where a forward gathers parameters from every rank (FSDP2,
+    ZeRO-3), ranks left with fewer batches run unscored forwards until all ran as many.
     """
     if not getattr(model, "with_decoder", True):  # now, not as a traceback from deep inside forward()
         raise ConfigError("the model is encoder-only (an `hsfm export --encoder-only` export): masked reconstruction "
                           "needs the decoder; export the run without --encoder-only to evaluate it")
+    rank, world = process_position()
+    collective_forward = forward_is_collective(model)
     was_training = model.training
     model.eval()
     scores = _Scores()
     baseline_scores = {name: _Scores() for name in BASELINES} if baselines else {}
+    filler, forwards, total = None, 0, 0
     for number, batch in enumerate(loader):
         if config.max_batches is not None and number >= config.max_batches:
             break
+        total += 1
+        if number == 0 and collective_forward:
+            filler = batch
+        if number % world != rank:
+            continue
+        forwards += 1
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         out = masked_forward(model, batch, config.mask_ratio, config.seed + number)
         pixel_mask = out.band_mask().any(dim=1)  # spatial masking: the same for every band
@@ -120,7 +144,21 @@ def evaluate_reconstruction(model: torch.nn.Module, loader: Any, config: EvalCon
             # filled from the target itself: the visible pixels are exactly what the model was shown
             filled = fill(target, pixel_mask, band_mask=bands, valid=batch.get("valid"))
             baseline_scores[name].update(filled, target, pixel_mask, band_set)
+    if collective_forward and filler is not None:
+        filler = {k: v.to(device) if torch.is_tensor(v) else v for k, v in filler.items()}
+        for _ in range(math.ceil(total / world) - forwards):
+            masked_forward(model, filler, config.mask_ratio, config.seed)
     model.train(was_training)
+    if world > 1:
+        for meters in (scores, *baseline_scores.values()):
+            others = gather_from_all((meters.totals, meters.counts))
+            meters.totals, meters.counts = {}, {}
+            merged = []
+            for totals, counts in others:
+                part = _Scores()
+                part.totals, part.counts = totals, counts
+                merged.append(part)
+            meters.merge(merged)
     results = scores.results()
     results["images"] = scores.counts.get(None, 0)
     if baselines:

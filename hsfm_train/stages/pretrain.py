@@ -106,6 +106,7 @@ def fingerprint(config: PretrainConfig) -> str:
     and objective settings count where they differ from their defaults, so an option added by an upgrade (at a
     default that keeps the old behaviour) does not stop a run from resuming."""
     model = _changed_from_default(asdict(config.model), asdict(ModelConfig()))
+    model.pop("activation_checkpointing", None)  # recomputes the same values: a run resumes across it
     objective = _changed_from_default(asdict(config.objective), asdict(ObjectiveConfig()))
     payload = {"model": model, "objective": objective,
                "train_shards": str(Path(config.data.train.shards).resolve()), "seed": config.seed,
@@ -171,8 +172,9 @@ class PretrainStage(TrainingStage):
                              if self.has_evaluation and config.trainer.figure_every else None)
 
     def _evaluation_loader(self) -> StreamingLoader:
-        # a finite loader remembers how far it was read, so every evaluation pass gets a fresh one
-        return StreamingLoader(self.config.data.eval)
+        # a finite loader remembers how far it was read, so every evaluation pass gets a fresh one; every rank
+        # reads the whole stream and scores its share of the batches (evaluate_reconstruction)
+        return StreamingLoader(self.config.data.eval, rank=0, world_size=1)
 
     def step(self, model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepResult:
         out = model(batch["hsi"], batch["wavelengths"], batch["band_mask"], generator=generator)
@@ -210,6 +212,8 @@ class PretrainStage(TrainingStage):
         # MAE's convention: visible patches pasted from the input (the loss never scores them)
         reconstruction = torch.where(masked, reflectance(out.prediction, on_device)[0].cpu(), image)
         path = Path(config.output_dir) / "figures" / f"reconstruction_step{step:07d}.png"
+        if not self.accelerator.is_main_process:  # the forward above ran on every rank (it may be collective)
+            return None
         return reconstruction_figure(path, image, masked, reconstruction, on_device["wavelengths"][0].cpu(),
                                      title=f"{batch['scene'][0]} step {step}")
 
