@@ -15,7 +15,7 @@
 #   HSFM_TORCHRUN_ARGS    extra torchrun arguments, split on spaces (e.g. "--max_restarts 0 --tee 3")
 #   HSFM_SRUN_ARGS        extra srun arguments, split on spaces (e.g. "--cpu-bind=none")
 #   HSFM_MASTER_ADDR      rendezvous address (default: NodeAddr of the allocation's first node)
-#   HSFM_MASTER_PORT      rendezvous port (default: 15000 + job id mod 20000)
+#   HSFM_MASTER_PORT      rendezvous port (default: 15000 + job id mod 15000)
 #   HSFM_RESIGNAL_S       seconds between repeats of the forwarded SIGUSR1 while the step runs (default 30;
 #                         0: forward once). A repeat reaches processes that were still starting up.
 #   HSFM_MAX_RESTARTS     stop requeueing after this many restarts of the job (default 50)
@@ -151,7 +151,7 @@ hsfm_slurm_launch() {
     output=$(hsfm_slurm_output_dir "$stage" "$@") || { hsfm_slurm_log "the config does not compose"; return 2; }
     hsfm_slurm_procs_per_node
     MASTER_ADDR=$(hsfm_slurm_master_addr)
-    MASTER_PORT=${HSFM_MASTER_PORT:-$((15000 + ${SLURM_JOB_ID:-0} % 20000))}
+    MASTER_PORT=${HSFM_MASTER_PORT:-$((15000 + ${SLURM_JOB_ID:-0} % 15000))}
     nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
     export MASTER_ADDR MASTER_PORT
     hsfm_slurm_log "job ${SLURM_JOB_ID:-none} (restart ${SLURM_RESTART_COUNT:-0}): hsfm $stage $*"
