@@ -43,6 +43,7 @@ fails. Every figure's JSON entry carries the command that produced it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -73,6 +74,7 @@ DEFAULTS = {"model": "large", "batch": 2, "tile": 32, "bands": 64, "warmup": 10,
 QUICK = {"model": "tiny", "batch": 2, "tile": 16, "bands": 16, "warmup": 2, "steps": 3, "rounds": 1,
          "repeats": 1, "preempt_model": "micro"}
 MB = 2 ** 20
+CATEGORIES = ("params", "master", "grads", "optim", "buffers", "leftover")
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
@@ -122,6 +124,17 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def trimmed_rss_bytes() -> int:
+    """RSS after glibc hands its free heap pages back (freed tensors otherwise stay resident in malloc's arenas)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return rss_bytes()
 
 
 def peak_rss_bytes() -> int:
@@ -230,8 +243,8 @@ def clean_name(name: str) -> str:
     return re.sub(r"\[[^\]]*\]", "", name)
 
 
-def census(strategy: Any) -> dict[str, Any]:
-    """What this rank holds now: params, master (DeepSpeed's fp32 partitions), grads, optim, buffers."""
+def census(strategy: Any, trainer: Any) -> dict[str, Any]:
+    """What this rank holds now: params, master (DeepSpeed's fp32 partitions), grads, optim, buffers, leftover."""
     counted = Census()
     module = strategy.module
     for name, parameter in module.named_parameters():
@@ -241,6 +254,11 @@ def census(strategy: Any) -> dict[str, Any]:
         else:
             counted.add("params", parameter, "parameters")
     optimizer = strategy.optimizer  # DeepSpeed: the base AdamW over the fp32 partitions
+    zero = getattr(strategy, "zero_optimizer", None)
+    if zero is not None:  # the fp32 partitions the ZeRO optimiser steps (stage 1-2 / stage 3 names)
+        for attribute in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+            for name, tensor in tensors_in(getattr(zero, attribute, None), attribute):
+                counted.add("master", tensor, clean_name(name))
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             counted.add("master", parameter, "optimizer's parameters")
@@ -249,7 +267,6 @@ def census(strategy: Any) -> dict[str, Any]:
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             counted.add("grads", parameter.grad, "master.grad")
-    zero = getattr(strategy, "zero_optimizer", None)
     if zero is not None:  # gradient partitions: the ZeRO optimiser's attributes that name gradients
         for attribute, value in vars(zero).items():
             if "grad" in attribute.lower():
@@ -263,12 +280,27 @@ def census(strategy: Any) -> dict[str, Any]:
             if attribute != "optimizer":
                 for name, tensor in tensors_in(value, attribute):
                     counted.add("buffers", tensor, clean_name(name))
-    for category in ("params", "master", "grads", "optim", "buffers"):
+    # parameters the trainer's own parameter groups still reference, where the engine replaced them (FSDP2 builds
+    # new sharded Parameters: the originals stay alive, whole, as long as something holds them)
+    for group in getattr(trainer, "_groups", []):
+        for parameter in group["params"]:
+            counted.add("leftover", parameter, "Trainer._groups")
+    for category in CATEGORIES:
         counted.bytes.setdefault(category, 0)
-    return {"bytes": counted.bytes, "where": counted.where, "rss": rss_bytes()}
+    return {"bytes": counted.bytes, "where": counted.where, "rss": rss_bytes(), "peak_rss": peak_rss_bytes()}
 
 
 def worker_memory(args: argparse.Namespace) -> None:
+    import torch
+
+    for engine, overrides in json.loads(args.overrides).items():  # one engine after the other (--quick: several)
+        measure_engine(args, engine, overrides)
+        gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def measure_engine(args: argparse.Namespace, engine: str, overrides: list[str]) -> None:
     import torch
 
     from hsfm_train.engine.logging import RunLogger
@@ -277,11 +309,10 @@ def worker_memory(args: argparse.Namespace) -> None:
     from hsfm_train.objectives.pretrain import PretrainObjective
     from hsfm_train.stages.pretrain import PretrainStage, load_pretrain_config
 
-    overrides = json.loads(args.overrides)
     config = load_pretrain_config(overrides)
     accelerator = make_accelerator(config.trainer)
     rank = accelerator.process_index
-    out = Path(args.result_dir)
+    out = Path(args.result_dir) / engine
     record: dict[str, Any] = {"rank": rank, "world_size": accelerator.num_processes, "overrides": overrides,
                               "rss_at_start": rss_bytes(), "threads": torch.get_num_threads()}
     timings: dict[str, float] = {}
@@ -289,7 +320,7 @@ def worker_memory(args: argparse.Namespace) -> None:
     torch.manual_seed(config.seed)
     model = build_model(config.model, config.arch)
     record["parameters"] = sum(p.numel() for p in model.parameters())
-    record["rss_after_build"] = rss_bytes()
+    record["rss_after_build"], record["peak_rss_after_build"] = rss_bytes(), peak_rss_bytes()
     timings["build_s"] = time.perf_counter() - started
     stage = PretrainStage(config)  # the stage's own step: forward, objective, token counts
     stage.accelerator = accelerator
@@ -304,7 +335,7 @@ def worker_memory(args: argparse.Namespace) -> None:
     timings["setup_s"] = time.perf_counter() - started
     del strategy_model
     strategy = trainer.strategy
-    record["rss_after_setup"] = rss_bytes()
+    record["rss_after_setup"], record["peak_rss_after_setup"] = rss_bytes(), peak_rss_bytes()
     if hasattr(strategy, "engine"):
         params = list(strategy.module.parameters())
         record["zero3_params_whole"] = sum(1 for p in params if hasattr(p, "ds_tensor") and p.data.numel() > 0)
@@ -315,7 +346,7 @@ def worker_memory(args: argparse.Namespace) -> None:
 
     def measured_step(clip: float, agree: Any) -> Any:
         marks["backward_done"] = time.perf_counter()
-        snapshots["after_backward"] = census(strategy)
+        snapshots["after_backward"] = census(strategy, trainer)
         marks["optimizer"] = time.perf_counter()
         norm, applied = step_function(clip, agree)
         timings["optimizer_step_s"] = time.perf_counter() - marks["optimizer"]
@@ -323,7 +354,8 @@ def worker_memory(args: argparse.Namespace) -> None:
         return norm, applied
 
     def measured_save() -> None:  # where the loop saves after the last step: measure instead of writing
-        snapshots["after_step"] = census(strategy)
+        snapshots["after_step"] = census(strategy, trainer)
+        snapshots["after_step"]["rss_trimmed"] = trimmed_rss_bytes()
 
     strategy.step = measured_step
     trainer.save = measured_save
@@ -334,8 +366,6 @@ def worker_memory(args: argparse.Namespace) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
     accelerator.wait_for_everyone()
     logger.finish()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------- memory: the parent side
@@ -352,52 +382,65 @@ def memory_overrides(args: argparse.Namespace, engine: str) -> list[str]:
 
 def run_memory(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     rows: dict[str, Any] = {}
-    for engine in args.engines:
-        result_dir = scratch / f"memory-{engine}"
+    # one launch per engine, so that each has its own processes (peak RSS); --quick runs them all in one launch
+    launches = [args.engines] if args.quick else [[engine] for engine in args.engines]
+    for engines in launches:
+        result_dir = scratch / f"memory-{'-'.join(engines)}"
         result_dir.mkdir(parents=True)
-        overrides = memory_overrides(args, engine)
+        overrides = {engine: memory_overrides(args, engine) for engine in engines}
         command = torchrun(2, str(SCRIPT), "--worker", "memory", "--overrides", json.dumps(overrides),
                            "--batch", str(args.batch), "--tile", str(args.tile), "--bands", str(args.bands),
                            "--result-dir", str(result_dir))
         env = child_env()
-        say(f"memory: {engine} ...")
+        say(f"memory: {', '.join(engines)} ...")
         started = time.perf_counter()
-        run_child(command, env, args.timeout, f"memory {engine}")
+        run_child(command, env, args.timeout, f"memory {', '.join(engines)}")
         wall = time.perf_counter() - started
-        ranks = [json.loads((result_dir / f"rank{r}.json").read_text()) for r in range(2)]
         shown_command = shown(command, env).replace(str(result_dir), "RESULTS")
-        rows[engine] = summarise_memory(engine, ranks, wall, shown_command)
-        row = rows[engine]
-        say(f"  {engine}: total {row['total_mb']:.0f} MB per rank, peak RSS {row['peak_rss_mb']:.0f} MB, "
-            f"wall {wall:.0f} s")
+        for engine in engines:
+            ranks = [json.loads((result_dir / engine / f"rank{r}.json").read_text()) for r in range(2)]
+            rows[engine] = row = summarise_memory(engine, ranks, wall, shown_command)
+            say(f"  {engine}: {row['total_mb']:.0f} MB per rank, peak RSS {row['peak_rss_mb']:.0f} MB, "
+                f"step {row['timings_s']['forward_backward_s'] + row['timings_s']['optimizer_step_s']:.1f} s")
+        say(f"  ({wall:.0f} s)")
     if "ddp" in rows:
         for row in rows.values():
             row["ratio_to_ddp"] = row["total_mb"] / rows["ddp"]["total_mb"]
+            row["engine_ratio_to_ddp"] = row["engine_total_mb"] / rows["ddp"]["engine_total_mb"]
             row["peak_rss_ratio_to_ddp"] = row["peak_rss_mb"] / rows["ddp"]["peak_rss_mb"]
     return {"settings": {"model": args.model, "world_size": 2, "batch_per_rank": args.batch, "tile": args.tile,
                          "bands": args.bands, "experiment": "demo (8x8 patches, plain MAE)",
                          "zero3_persistence_threshold": args.zero3_persistence,
+                         "launches": "one torchrun launch for every engine" if args.quick else
+                                     "one torchrun launch per engine",
+                         "peak_rss": "getrusage maxrss: with one launch for every engine (--quick) it is the "
+                                     "running maximum over the engines measured so far",
                          "what": "bytes of tensor storage per rank; grads after backward, the rest after the "
                                  "optimiser step; MB = 2^20 bytes; per-rank figures are the max over ranks"},
             "engines": rows}
 
 
 def summarise_memory(engine: str, ranks: list[dict[str, Any]], wall: float, command: str) -> dict[str, Any]:
-    def worst(snapshot: str, category: str) -> float:
-        return max(r["snapshots"][snapshot]["bytes"][category] for r in ranks) / MB
+    def held(r: dict[str, Any], category: str) -> int:  # gradients at their peak (after backward), the rest after the step
+        return r["snapshots"]["after_backward" if category == "grads" else "after_step"]["bytes"][category]
 
-    row: dict[str, Any] = {"params_mb": worst("after_step", "params"), "master_mb": worst("after_step", "master"),
-                           "grads_mb": worst("after_backward", "grads"), "optim_mb": worst("after_step", "optim"),
-                           "buffers_mb": worst("after_step", "buffers"),
-                           "grads_after_step_mb": worst("after_step", "grads")}
-    per_rank_totals = [sum(r["snapshots"]["after_step"]["bytes"][c] for c in ("params", "master", "optim", "buffers"))
-                       + r["snapshots"]["after_backward"]["bytes"]["grads"] for r in ranks]
-    row["total_mb"] = max(per_rank_totals) / MB
-    row["total_mb_per_rank"] = [t / MB for t in per_rank_totals]
+    row: dict[str, Any] = {f"{category}_mb": max(held(r, category) for r in ranks) / MB for category in CATEGORIES}
+    row["grads_after_step_mb"] = max(r["snapshots"]["after_step"]["bytes"]["grads"] for r in ranks) / MB
+    totals = [sum(held(r, category) for category in CATEGORIES) for r in ranks]
+    by_design = [sum(held(r, category) for category in CATEGORIES if category != "leftover") for r in ranks]
+    row["total_mb"], row["total_mb_per_rank"] = max(totals) / MB, [t / MB for t in totals]
+    row["engine_total_mb"], row["engine_total_mb_per_rank"] = max(by_design) / MB, [t / MB for t in by_design]
     row["peak_rss_mb"] = max(r["peak_rss"] for r in ranks) / MB
     row["peak_rss_mb_per_rank"] = [r["peak_rss"] / MB for r in ranks]
     row["rss_after_step_mb_per_rank"] = [r["snapshots"]["after_step"]["rss"] / MB for r in ranks]
+    row["rss_after_step_trimmed_mb"] = max(r["snapshots"]["after_step"]["rss_trimmed"] for r in ranks) / MB
+    row["rss_after_step_trimmed_mb_per_rank"] = [r["snapshots"]["after_step"]["rss_trimmed"] / MB for r in ranks]
     row["rss_after_build_mb_per_rank"] = [r["rss_after_build"] / MB for r in ranks]
+    row["peak_rss_mb_by_phase"] = {  # getrusage's maximum so far, at each point: which phase set the peak
+        "after_build": max(r["peak_rss_after_build"] for r in ranks) / MB,
+        "after_setup": max(r["peak_rss_after_setup"] for r in ranks) / MB,
+        "after_backward": max(r["snapshots"]["after_backward"]["peak_rss"] for r in ranks) / MB,
+        "after_step": max(r["snapshots"]["after_step"]["peak_rss"] for r in ranks) / MB}
     row["parameters"] = ranks[0]["parameters"]
     row["loss"], row["grad_norm"], row["step_applied"] = ranks[0]["loss"], ranks[0]["grad_norm"], ranks[0]["applied"]
     row["timings_s"] = {key: max(r["timings"][key] for r in ranks) for key in ranks[0]["timings"]}
@@ -415,14 +458,23 @@ def summarise_memory(engine: str, ranks: list[dict[str, Any]], wall: float, comm
 # ------------------------------------------------------------------------------------------------- demo data
 
 def demo_dir(args: argparse.Namespace) -> Path:
-    """The demo shards, built once into the scratch directory (the first run builds them)."""
-    directory = args.demo_root / "demo"
+    """The demo shards: --demo-dir, or a folder of the scratch directory; built on first use (a complete build is
+    reused)."""
+    directory = Path(args.demo_dir) if args.demo_dir else args.demo_root / "demo"
     if not (directory / "demo.json").exists():
-        say("building the demo shards ...")
-        from hsfm_train.data.demo import DemoDataConfig, build_demo_shards
+        say(f"building the demo shards in {directory} ...")
+    from hsfm_train.data.demo import build_demo_shards
 
-        build_demo_shards(str(directory), DemoDataConfig())
+    build_demo_shards(str(directory))
     return directory
+
+
+def shown_in(command: list[str], env: dict[str, str], args: argparse.Namespace, scratch: Path) -> str:
+    """``shown`` with this run's temporary paths replaced by placeholders."""
+    text = shown(command, env)
+    if args.demo_dir:
+        text = text.replace(str(Path(args.demo_dir)), "DEMO")
+    return text.replace(str(scratch), "SCRATCH").replace(str(args.demo_root), "SCRATCH")
 
 
 def pretrain_command(nproc: int, overrides: list[str]) -> list[str]:
@@ -447,7 +499,9 @@ def metrics_of(run_dir: Path) -> list[dict[str, Any]]:
 def run_scaling(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     demo = demo_dir(args)
     steps = args.warmup + args.steps
-    cases = {"1 process": (1, 1), "2 processes": (2, 1), "1 process, 2 threads": (1, 2)}
+    cases = {"1 process": (1, 1), "2 processes": (2, 1)}
+    if not args.quick:
+        cases["1 process, 2 threads"] = (1, 2)
     base = [f"data.demo_dir={demo}", f"trainer.max_steps={steps}", "trainer.log_every=1",
             f"trainer.checkpoint_every={steps}", "trainer.optim.warmup_steps=2", *QUIET,
             *(MICRO if args.quick else [])]
@@ -467,7 +521,7 @@ def run_scaling(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             runs[name].append({"mean_step_s": statistics.fmean(times), "median_step_s": statistics.median(times),
                                "samples_per_s": statistics.fmean(rates),
                                "samples_per_step": round(rates[0] * times[0]),
-                               "command": shown(command, env).replace(str(scratch), "SCRATCH")})
+                               "command": shown_in(command, env, args, scratch)})
     rows = {}
     for name, measured in runs.items():
         rows[name] = {"mean_step_s": statistics.median(r["mean_step_s"] for r in measured),
@@ -503,6 +557,13 @@ def children_of(pid: int) -> list[int]:
     return sorted(found)
 
 
+def installed(checkpoints: Path) -> list[Path]:
+    """The checkpoint directories renamed into place (not the step_N.partial-PID ones being written)."""
+    if not checkpoints.exists():
+        return []
+    return [path for path in checkpoints.iterdir() if re.fullmatch(r"step_\d+", path.name)]
+
+
 def ignore_usr1() -> None:  # in the launcher, before exec: as slurm/launch.sh's `trap "" USR1`
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
@@ -532,7 +593,7 @@ def run_preemption_once(args: argparse.Namespace, scratch: Path, index: int) -> 
                 break
             time.sleep(0.05)
         workers = children_of(launcher.pid)
-        before = set(checkpoints.glob("step_*")) if checkpoints.exists() else set()
+        before = set(installed(checkpoints))
         step_at_signal = max((e["step"] for e in metrics_of(output)), default=0)
         step_times = [e["perf/step_time_s"] for e in metrics_of(output) if "perf/step_time_s" in e]
         signalled = time.monotonic()
@@ -543,7 +604,7 @@ def run_preemption_once(args: argparse.Namespace, scratch: Path, index: int) -> 
         while time.monotonic() - signalled < args.timeout:
             now = time.monotonic() - signalled
             if manifest_s is None and checkpoints.exists():
-                for directory in set(checkpoints.glob("step_*")) - before:
+                for directory in set(installed(checkpoints)) - before:
                     if (directory / "manifest.json").exists():
                         manifest_s, new_dir = now, directory
             if manifest_s is not None and latest_s is None:
@@ -571,7 +632,58 @@ def run_preemption_once(args: argparse.Namespace, scratch: Path, index: int) -> 
             "step_at_signal": step_at_signal, "checkpoint": new_dir.name if new_dir else None,
             "checkpoint_mb": size / MB, "stopped_by": summary.get("stopped_by"),
             "mean_step_s_before_signal": statistics.fmean(step_times[-10:]) if step_times else None,
-            "command": shown(command, env).replace(str(scratch), "SCRATCH")}
+            "command": shown_in(command, env, args, scratch)}
+
+
+def alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+def check_bare_launcher(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """What SIGUSR1 does to a torchrun started without ignoring it, sent to its process group (``kill -USR1 -PGID``):
+    whether the launcher survives and whether the workers (torchrun starts each in a session of its own) get it."""
+    demo = demo_dir(args)
+    wait = 1.0 if args.quick else 3.0
+    output = scratch / "preempt-bare"
+    overrides = [*MICRO, *QUIET, f"data.demo_dir={demo}", f"output_dir={output}", "trainer.max_steps=1000000",
+                 "trainer.checkpoint_every=1000000", "trainer.log_every=1"]
+    command = pretrain_command(2, overrides)
+    env = child_env()
+    with open(scratch / "preempt-bare.log", "w") as log:
+        launcher = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # its own process group, as a job step's shell has
+        workers: list[int] = []
+        try:
+            deadline = time.monotonic() + args.timeout
+            while time.monotonic() < deadline and len(metrics_of(output)) < 2 and launcher.poll() is None:
+                time.sleep(0.05)
+            workers = children_of(launcher.pid)
+            os.killpg(launcher.pid, signal.SIGUSR1)
+            time.sleep(wait)
+            result = {"launcher_exit_code": launcher.poll(), "workers": len(workers),
+                      "workers_alive_after_wait": sum(alive(pid) for pid in workers), "wait_s": wait,
+                      "checkpoint_written": bool(installed(output / "checkpoints")),
+                      "command": shown_in(command, env, args, scratch),
+                      "signal": "kill -USR1 -<the launcher's process group>"}
+        finally:  # the workers (orphaned if the launcher died): stop them the way the trainer honours, then kill
+            for pid in workers:
+                if alive(pid):
+                    os.kill(pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+                time.sleep(0.1)
+            for pid in workers:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            if launcher.poll() is None:
+                launcher.kill()
+            launcher.wait()
+    result["checkpoint_after_signalling_workers"] = bool(installed(output / "checkpoints"))
+    return result
 
 
 def run_preemption(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
@@ -593,7 +705,8 @@ def run_preemption(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                          "what": "seconds from the signal until checkpoints/step_*/manifest.json exists, until "
                                  "checkpoints/latest names it, until the launcher exited; median over runs"},
             "signal_to_manifest_s": median("signal_to_manifest_s"), "signal_to_latest_s": median("signal_to_latest_s"),
-            "signal_to_exit_s": median("signal_to_exit_s"), "trials": trials, "command": trials[0]["command"]}
+            "signal_to_exit_s": median("signal_to_exit_s"), "trials": trials, "command": trials[0]["command"],
+            "bare_torchrun": check_bare_launcher(args, scratch)}
 
 
 # ------------------------------------------------------------------------------------------------- reporting
@@ -604,15 +717,18 @@ def print_tables(results: dict[str, Any]) -> None:
         s = memory["settings"]
         say(f"\nper-rank memory of one training step: model {s['model']}, world size 2, {s['batch_per_rank']} x "
             f"{s['tile']}x{s['tile']} px x {s['bands']} bands per rank (MB = 2^20 bytes, max over ranks)")
-        say(f"{'engine':8} {'params':>9} {'master':>9} {'grads':>9} {'optim':>9} {'buffers':>9} {'total':>9} "
-            f"{'vs DDP':>7} {'peak RSS':>9} {'vs DDP':>7} {'step s':>7}")
+        nan = float("nan")
+        say(f"{'engine':7} {'params':>7} {'master':>7} {'grads':>7} {'optim':>7} {'buffers':>7} {'engine':>7} "
+            f"{'vs DDP':>6} {'leftover':>8} {'total':>7} {'vs DDP':>6} {'peak RSS':>8} {'vs DDP':>6} {'step s':>6}")
         for engine, row in memory["engines"].items():
             t = row["timings_s"]
-            say(f"{engine:8} {row['params_mb']:9.0f} {row['master_mb']:9.0f} {row['grads_mb']:9.0f} "
-                f"{row['optim_mb']:9.0f} {row['buffers_mb']:9.0f} {row['total_mb']:9.0f} "
-                f"{row.get('ratio_to_ddp', float('nan')):7.2f} {row['peak_rss_mb']:9.0f} "
-                f"{row.get('peak_rss_ratio_to_ddp', float('nan')):7.2f} "
-                f"{t['forward_backward_s'] + t['optimizer_step_s']:7.1f}")
+            say(f"{engine:7} {row['params_mb']:7.0f} {row['master_mb']:7.0f} {row['grads_mb']:7.0f} "
+                f"{row['optim_mb']:7.0f} {row['buffers_mb']:7.0f} {row['engine_total_mb']:7.0f} "
+                f"{row.get('engine_ratio_to_ddp', nan):6.2f} {row['leftover_mb']:8.0f} {row['total_mb']:7.0f} "
+                f"{row.get('ratio_to_ddp', nan):6.2f} {row['peak_rss_mb']:8.0f} "
+                f"{row.get('peak_rss_ratio_to_ddp', nan):6.2f} {t['forward_backward_s'] + t['optimizer_step_s']:6.1f}")
+        say("engine = params + master + grads + optim + buffers (what the engine is meant to hold); leftover = "
+            "parameters the trainer's groups still hold after the engine replaced them; total = engine + leftover")
     scaling = results.get("scaling")
     if scaling:
         s = scaling["settings"]
@@ -631,6 +747,12 @@ def print_tables(results: dict[str, Any]) -> None:
             f"{len(preemption['trials'])}): checkpoint manifest {value(preemption['signal_to_manifest_s'])}, "
             f"latest {value(preemption['signal_to_latest_s'])}, processes exited {value(preemption['signal_to_exit_s'])}"
             f" (step {preemption['trials'][0]['mean_step_s_before_signal'] or float('nan'):.3f} s)")
+        bare = preemption.get("bare_torchrun")
+        if bare:
+            say(f"a bare torchrun's process group sent SIGUSR1: launcher exit code {bare['launcher_exit_code']}, "
+                f"{bare['workers_alive_after_wait']} of {bare['workers']} workers still running {bare['wait_s']:g} s later, checkpoint "
+                f"written: {bare['checkpoint_written']} (after signalling the workers themselves: "
+                f"{bare['checkpoint_after_signalling_workers']})")
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -654,6 +776,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: memory,scaling,preemption")
     parser.add_argument("--quick", action="store_true", help="tiny versions of everything (seconds)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per child run")
+    parser.add_argument("--demo-dir", help="demo shards to use (built there if missing; default: in the scratch "
+                                           "directory)")
     parser.add_argument("--scratch", help="working directory (default: a temporary one, removed afterwards)")
     parser.add_argument("--json", help="write every figure and the settings to this file")
     parser.add_argument("--worker", choices=("memory",), help=argparse.SUPPRESS)
@@ -683,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     results: dict[str, Any] = {
-        "benchmark": "bench_distributed", "command": shown([sys.executable, *sys.argv], child_env()),
+        "benchmark": "bench_distributed",
+        "command": shlex.join(["python", "benchmarks/bench_distributed.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {key: value for key, value in vars(args).items()
                      if key not in ("worker", "overrides", "result_dir", "json", "scratch")},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,

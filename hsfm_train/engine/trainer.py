@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, gather_object
 
 from hsfm_train.engine.checkpoint import Checkpointer, Ranks, set_rng_state
-from hsfm_train.engine.distributed import STRATEGIES, ModelTwin, make_strategy
+from hsfm_train.engine.distributed import STRATEGIES, ModelTwin, make_strategy, transformer_blocks
 from hsfm_train.engine.logging import RunLogger
 from hsfm_train.errors import ConfigError, DataQualityError, HsfmError
 
@@ -105,7 +105,7 @@ class TrainerConfig:
     wandb_project: str = "hsfm-train"
     strategy: str = "ddp"  # ddp (also one process) | fsdp2 | deepspeed (with trainer.deepspeed: deepspeed=zero2)
     deepspeed: dict[str, Any] | None = None  # the DeepSpeed config (configs/deepspeed/), without what trainer.* sets
-    compile: bool = False  # torch.compile the model before the strategy wraps it
+    compile: bool = False  # torch.compile each transformer block before the strategy wraps the model
     timeout_s: float = 600.0  # a collective that waits longer (a dead or hung rank) fails the job
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -333,8 +333,10 @@ class Trainer:
             return
         optim, config = self.config.optim, self.config
         floor = optim.min_lr / self.lr if self.lr > 0 else 0.0
-        model = torch.compile(self._plain) if config.compile else self._plain
-        self.strategy.setup(model, self._groups, tuple(optim.betas),
+        if config.compile:  # block by block, in place: parameter names and state-dict keys stay as they are
+            for block in transformer_blocks(self._plain):
+                block.compile()
+        self.strategy.setup(self._plain, self._groups, tuple(optim.betas),
                             lambda step: lr_factor(step, optim.warmup_steps, config.max_steps, floor))
         if self._pending is not None:
             pending, self._pending = self._pending, None
