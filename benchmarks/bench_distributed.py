@@ -67,8 +67,8 @@ ENGINES = {"ddp": [], "zero2": ["deepspeed=zero2"], "zero3": ["deepspeed=zero3"]
 MICRO = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=32",
          "model.decoder_depth=1", "model.decoder_num_heads=2", "model.spectral_channels=8", "model.spectral_basis=8",
          "data.train.batch_size=4"]
-QUIET = ["trainer.wandb=false", "trainer.progress=false", "trainer.figure_every=0", "eval.max_batches=1",
-         "data.eval.batch_size=8"]
+# no W&B, progress bar, figures or evaluation (the untrained baseline and the final scores are not measured here)
+QUIET = ["trainer.wandb=false", "trainer.progress=false", "trainer.figure_every=0", "data.eval=null"]
 DEFAULTS = {"model": "large", "batch": 2, "tile": 32, "bands": 64, "warmup": 10, "steps": 40, "rounds": 3,
             "repeats": 3, "preempt_model": "tiny"}
 QUICK = {"model": "tiny", "batch": 2, "tile": 16, "bands": 16, "warmup": 2, "steps": 3, "rounds": 1,
@@ -706,7 +706,7 @@ def run_preemption(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                                  "checkpoints/latest names it, until the launcher exited; median over runs"},
             "signal_to_manifest_s": median("signal_to_manifest_s"), "signal_to_latest_s": median("signal_to_latest_s"),
             "signal_to_exit_s": median("signal_to_exit_s"), "trials": trials, "command": trials[0]["command"],
-            "bare_torchrun": check_bare_launcher(args, scratch)}
+            "bare_torchrun": check_bare_launcher(args, scratch) if args.check_launcher else None}
 
 
 # ------------------------------------------------------------------------------------------------- reporting
@@ -773,6 +773,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="scaling: interleaved rounds (3)")
     parser.add_argument("--repeats", type=int, help="preemption: runs (3)")
     parser.add_argument("--preempt-after", type=int, default=3, help="preemption: logged steps before the signal")
+    parser.add_argument("--check-launcher", action=argparse.BooleanOptionalAction,
+                        help="preemption: also send SIGUSR1 to a bare torchrun's process group and see what happens "
+                             "(default: on, off with --quick)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: memory,scaling,preemption")
     parser.add_argument("--quick", action="store_true", help="tiny versions of everything (seconds)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per child run")
@@ -790,6 +793,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in values.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.check_launcher is None:
+        args.check_launcher = not args.quick
     if args.quick and args.zero3_persistence is None:
         args.zero3_persistence = 0
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -804,21 +809,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "memory":
         worker_memory(args)
         return 0
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
 
     results: dict[str, Any] = {
         "benchmark": "bench_distributed",
         "command": shlex.join(["python", "benchmarks/bench_distributed.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {key: value for key, value in vars(args).items()
                      if key not in ("worker", "overrides", "result_dir", "json", "scratch")},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count()}}
-    try:
-        import deepspeed
-
-        results["machine"]["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        pass
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}}
+    for package in ("torch", "deepspeed", "accelerate"):
+        try:
+            results["machine"][package] = version(package)
+        except PackageNotFoundError:
+            pass
     runners = {"memory": run_memory, "scaling": run_scaling, "preemption": run_preemption}
     with tempfile.TemporaryDirectory(prefix="bench_distributed-") as temporary:
         if args.scratch:  # the demo shards are reused from there; every run gets a fresh directory

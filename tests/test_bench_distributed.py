@@ -47,5 +47,5 @@ def test_quick_run_reports_every_section(demo_dir, tmp_path):
     assert trial["stopped_by"] == "signal SIGUSR1" and trial["checkpoint"] is not None
     assert preemption["signal_to_manifest_s"] is not None and preemption["signal_to_latest_s"] is not None
     assert preemption["signal_to_latest_s"] >= preemption["signal_to_manifest_s"]
-    assert preemption["bare_torchrun"]["checkpoint_after_signalling_workers"]
+    assert preemption["bare_torchrun"] is None  # the launcher check runs in the full benchmark only
     assert "hsfm_train.cli pretrain" in preemption["command"]

@@ -217,3 +217,30 @@ def test_a_killed_rank_fails_the_job_fast_and_the_rerun_resumes_bit_identical(de
     assert losses(output) == losses(tmp_path / "straight")
     assert_weights_close(load_file(str(tmp_path / "straight" / "export" / "model.safetensors")),
                          load_file(str(output / "export" / "model.safetensors")), atol=0.0)
+
+
+# Rank 1 cannot write its file of checkpoint step 2 (a full disk, say).
+RANK_1_WRITE_FAILS = textwrap.dedent("""
+    import os
+    from hsfm_train.engine import checkpoint
+    _save = checkpoint.safetensors.torch.save_file
+    def save_file(tensors, filename, *args, **kwargs):
+        if os.environ.get("RANK") == "1" and "step_00000002" in str(filename) and "rank_00001" in str(filename):
+            raise OSError(28, "No space left on device")
+        return _save(tensors, filename, *args, **kwargs)
+    checkpoint.safetensors.torch.save_file = save_file
+""")
+
+
+def test_a_rank_that_cannot_write_its_shard_leaves_no_checkpoint_and_fails_every_rank(demo_dir, tmp_path):
+    output = tmp_path / "run"
+    failed = hsfm_job(2, demo_dir, output, "trainer.max_steps=4", "trainer.checkpoint_every=1",
+                      "trainer.strategy=fsdp2", prelude=RANK_1_WRITE_FAILS)
+    assert failed.returncode != 0
+    assert "checkpoint step_00000002 not written: rank 1: OSError" in failed.stderr
+    checkpoints = output / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000001"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000001"]  # no partial left behind
+    resumed = hsfm_job(2, demo_dir, output, "trainer.max_steps=4", "trainer.strategy=fsdp2")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resuming {output} from step_00000001 (step 1 of 4)" in resumed.stdout

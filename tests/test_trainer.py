@@ -166,3 +166,18 @@ def test_stateful_components_travel_in_the_checkpoint(train_shards, tmp_path):
     restored = Counter()
     again.stateful = {"counter": restored}
     assert again.resume() and restored.value == 7 and again.state.step == 2
+
+
+def test_compiled_blocks_train_like_eager_ones_and_keep_their_names(demo_dir, tmp_path):
+    """trainer.compile compiles each transformer block in place: the same losses, the same state-dict keys."""
+    from tests.runs import losses, overrides, run, weights
+
+    results = {}
+    for compiled in (False, True):
+        output = tmp_path / f"compiled-{compiled}"
+        result = run(["pretrain", *overrides(demo_dir, output, "trainer.max_steps=2", f"trainer.compile={compiled}")],
+                     tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[compiled] = output
+    assert losses(results[True]) == pytest.approx(losses(results[False]), rel=1e-4)
+    assert weights(results[True] / "export").keys() == weights(results[False] / "export").keys()
