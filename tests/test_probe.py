@@ -269,3 +269,11 @@ def test_a_loaded_export_probes_the_same_as_the_model_it_came_from(micro_export)
         loaded = load_pretrained(micro_export)
     np.testing.assert_allclose(pixel_features(loaded, cube, wavelengths), pixel_features(_micro(), cube, wavelengths),
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("name,width,depth", [("tiny", 128, 4), ("small", 384, 12), ("large", 1024, 24)])
+def test_random_model_presets_resolve_the_presets_they_build_on(name, width, depth):
+    from hsfm_train.stages.probe import preset_model_config
+
+    config = preset_model_config(name)  # small/base/large/huge list `defaults: [tiny, _self_]`
+    assert (config.name, config.embed_dim, config.depth) == (name, width, depth)

@@ -136,7 +136,11 @@ def preset_model_config(name: str) -> ModelConfig:
     from omegaconf import OmegaConf
 
     path = CONFIG_DIR / "model" / f"{name}.yaml"
-    return to_dataclass(ModelConfig, OmegaConf.load(path), str(path))
+    values = OmegaConf.load(path)
+    # a preset lists the presets it builds on (``defaults: [tiny, _self_]``): merge them first, as Hydra would
+    bases = [preset_model_config(base) for base in values.pop("defaults", []) if base != "_self_"]
+    merged = OmegaConf.merge(*[OmegaConf.structured(base) for base in bases], values) if bases else values
+    return to_dataclass(ModelConfig, merged, str(path))
 
 
 def load_backbone(config: ProbeConfig) -> tuple[torch.nn.Module, dict[str, Any] | None, str]:
