@@ -13,10 +13,14 @@ Two kinds:
   - ``prepare()``: data, model, objective, evaluation. It only reads: a mistake found here leaves no trace in
     ``output_dir``. Set ``self.model`` and ``self.loader`` (a resumable training loader).
   - ``step(model, batch, generator) -> StepResult``: the loss of one micro-batch.
-  - ``evaluate(model) -> {metric: value}``, or leave ``has_evaluation`` False.
-  - ``export(model, summary) -> Path``: what downstream work loads.
+  - ``evaluate(model) -> {metric: value}``, or leave ``has_evaluation`` False. In a job of several processes it
+    runs on every rank (the model may be sharded, its forward collective): score this rank's share of the data
+    and merge the sums, so that every rank returns the job's figures (``stages/eval_recon.py`` shows how).
+  - ``export(model, summary) -> Path``: what downstream work loads. It runs on the main process, on a plain
+    module holding the consolidated weights (whatever engine and world size trained it).
 
-  and, where the defaults do not fit, ``param_groups(model)``, ``figure(model, step)``, ``stateful()``,
+  and, where the defaults do not fit, ``param_groups(model)``, ``figure(model, step)`` (called on every rank;
+  write the file on the main one), ``stateful()``,
   ``run_metadata()``, ``fingerprint()``, ``describe()`` and ``format_summary(summary)``.
 
   The runner (:func:`run_training`) makes the accelerator, selects the kernels, seeds, locks ``output_dir``,
