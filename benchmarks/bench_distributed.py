@@ -17,26 +17,31 @@ process) started by this script, which collects their JSON. The engines are meas
   whole below ``stage3_param_persistence_threshold``), "master" the fp32 partitions DeepSpeed's optimiser steps (a
   copy of this rank's slice of the weights, kept even in fp32 training), "grads" the gradients after backward
   (``param.grad``, or local shards, and DeepSpeed's gradient partitions), "optim" the AdamW moments (and step
-  counters), "buffers" other tensors the DeepSpeed optimiser object keeps (its reduction bucket, for example). DDP's
-  own gradient buckets live in C++ and are not reachable from Python: they are in the RSS figures, not in the
-  table. "peak RSS" (``resource.getrusage``, max over the two ranks) is the cruder whole-process figure: it includes
-  the model as first built (every engine builds the whole fp32 model on every rank before sharding it), the weightless
-  twin the trainer deep-copies on rank 0 for sharded engines, activations, communication buffers and Python itself.
+  counters), "buffers" other tensors the engine keeps: DDP's gradient buckets (a second copy of the gradients in
+  C++, sizes from ``_get_ddp_logging_data()``, since Accelerate's default is ``gradient_as_bucket_view=False``) and
+  whatever else the DeepSpeed optimiser object holds, and "leftover" parameters the trainer's own parameter groups
+  still reference after the engine replaced them (FSDP2). "peak RSS" (``resource.getrusage``, max over the two
+  ranks) is the cruder whole-process figure: it includes the model as first built (every engine builds the whole
+  fp32 model on every rank before sharding it), the weightless twin the trainer deep-copies on rank 0 for sharded
+  engines, activations, communication buffers, memory malloc keeps after a free, and Python itself.
 * scaling: ``hsfm pretrain`` (the default demo job, tiny model, demo shards in a temporary directory) under DDP
-  with 1 and 2 processes (1 thread each), and 1 process with 2 threads; the loop's own ``perf/step_time_s`` of
-  every step (``trainer.log_every=1``) after ``--warmup`` steps, averaged over ``--steps``; samples/s = the job's
-  samples per step / step time. Rounds interleave the cases; the median over rounds is reported.
+  with 1 and 2 processes (1 thread each; ``--threads-case``: also 1 process with 2 threads); the loop's own
+  ``perf/step_time_s`` of every step (``trainer.log_every=1``, evaluation off) after ``--warmup`` steps, averaged
+  over ``--steps``; samples/s = the job's samples per step / step time (the per-process batch stays 16, so 2
+  processes do twice the work per step). Rounds interleave the cases; the median over rounds is reported.
 * preemption: ``hsfm pretrain`` (tiny model; ``--quick``: the tests' micro model) under torchrun with 2 processes,
   ``trainer.max_steps`` and ``trainer.checkpoint_every`` out of reach. The launcher ignores SIGUSR1 (as
   slurm/launch.sh starts it: a bare torchrun dies of SIGUSR1 and leaves its workers running), and once
   ``metrics.jsonl`` grows SIGUSR1 goes to the launcher and both workers (what ``scancel --signal=USR1`` does). Then the
   seconds until a new ``checkpoints/step_*/manifest.json`` exists, until ``checkpoints/latest`` names it, and until
-  the launcher has exited.
+  the workers and the launcher have exited. ``--check-launcher`` (on by default, off with ``--quick``) also sends
+  SIGUSR1 to a bare torchrun's process group and records what happens (the workers, each in a session of its own,
+  do not get it).
 
 The machine is noisy: read ratios, not absolute times. Nothing is asserted; the script exits 0 unless a child
 fails. Every figure's JSON entry carries the command that produced it.
 
-    python benchmarks/bench_distributed.py                       # everything, large model (~10-15 min on 2 cores)
+    python benchmarks/bench_distributed.py                       # everything, large model (~7-10 min on 2 cores)
     python benchmarks/bench_distributed.py --quick --json out.json   # tiny versions of everything (well under 1 min)
     python benchmarks/bench_distributed.py --sections memory --engines ddp,zero3 --model base
 """
@@ -280,9 +285,16 @@ def census(strategy: Any, trainer: Any) -> dict[str, Any]:
             if attribute != "optimizer":
                 for name, tensor in tensors_in(value, attribute):
                     counted.add("buffers", tensor, clean_name(name))
+    logging_data = getattr(strategy.model, "_get_ddp_logging_data", None)
+    if logging_data is not None:  # DDP's reducer: gradient buckets in C++, a second copy unless they are the grads
+        data = logging_data()
+        if not data.get("gradient_as_bucket_view", 0):
+            sizes = [int(size) for size in str(data.get("bucket_sizes", "")).split(",") if size.strip()]
+            counted.bytes["buffers"] = counted.bytes.get("buffers", 0) + sum(sizes)
+            counted.where.setdefault("buffers", {})["DDP reducer buckets"] = sum(sizes)
     # parameters the trainer's own parameter groups still reference, where the engine replaced them (FSDP2 builds
     # new sharded Parameters: the originals stay alive, whole, as long as something holds them)
-    for group in getattr(trainer, "_groups", []):
+    for group in getattr(trainer, "_groups", None) or []:
         for parameter in group["params"]:
             counted.add("leftover", parameter, "Trainer._groups")
     for category in CATEGORIES:
@@ -336,10 +348,6 @@ def measure_engine(args: argparse.Namespace, engine: str, overrides: list[str]) 
     del strategy_model
     strategy = trainer.strategy
     record["rss_after_setup"], record["peak_rss_after_setup"] = rss_bytes(), peak_rss_bytes()
-    if hasattr(strategy, "engine"):
-        params = list(strategy.module.parameters())
-        record["zero3_params_whole"] = sum(1 for p in params if hasattr(p, "ds_tensor") and p.data.numel() > 0)
-        record["zero3_params_partitioned"] = sum(1 for p in params if hasattr(p, "ds_tensor") and p.data.numel() == 0)
     snapshots: dict[str, Any] = {}
     step_function = strategy.step
     marks = {"fit": time.perf_counter()}
@@ -356,6 +364,11 @@ def measure_engine(args: argparse.Namespace, engine: str, overrides: list[str]) 
     def measured_save() -> None:  # where the loop saves after the last step: measure instead of writing
         snapshots["after_step"] = census(strategy, trainer)
         snapshots["after_step"]["rss_trimmed"] = trimmed_rss_bytes()
+        partitioned = [p for p in strategy.module.parameters() if hasattr(p, "ds_tensor")]
+        if partitioned:  # ZeRO-3 decides which parameters persist (stay whole) at the first forward
+            record["zero3_params_whole"] = sum(1 for p in partitioned if p.data.numel() > 0)
+            record["zero3_params_partitioned"] = sum(1 for p in partitioned if p.data.numel() == 0)
+            record["zero3_whole_elements"] = sum(p.data.numel() for p in partitioned)
 
     strategy.step = measured_step
     trainer.save = measured_save
@@ -406,7 +419,7 @@ def run_memory(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     if "ddp" in rows:
         for row in rows.values():
             row["ratio_to_ddp"] = row["total_mb"] / rows["ddp"]["total_mb"]
-            row["engine_ratio_to_ddp"] = row["engine_total_mb"] / rows["ddp"]["engine_total_mb"]
+            row["state_ratio_to_ddp"] = row["state_mb"] / rows["ddp"]["state_mb"]
             row["peak_rss_ratio_to_ddp"] = row["peak_rss_mb"] / rows["ddp"]["peak_rss_mb"]
     return {"settings": {"model": args.model, "world_size": 2, "batch_per_rank": args.batch, "tile": args.tile,
                          "bands": args.bands, "experiment": "demo (8x8 patches, plain MAE)",
@@ -421,15 +434,15 @@ def run_memory(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
 
 def summarise_memory(engine: str, ranks: list[dict[str, Any]], wall: float, command: str) -> dict[str, Any]:
-    def held(r: dict[str, Any], category: str) -> int:  # gradients at their peak (after backward), the rest after the step
+    def held(r: dict[str, Any], category: str) -> int:  # gradients at their peak (after backward), the rest after
         return r["snapshots"]["after_backward" if category == "grads" else "after_step"]["bytes"][category]
 
     row: dict[str, Any] = {f"{category}_mb": max(held(r, category) for r in ranks) / MB for category in CATEGORIES}
     row["grads_after_step_mb"] = max(r["snapshots"]["after_step"]["bytes"]["grads"] for r in ranks) / MB
     totals = [sum(held(r, category) for category in CATEGORIES) for r in ranks]
-    by_design = [sum(held(r, category) for category in CATEGORIES if category != "leftover") for r in ranks]
+    state = [sum(held(r, category) for category in ("params", "master", "grads", "optim")) for r in ranks]
     row["total_mb"], row["total_mb_per_rank"] = max(totals) / MB, [t / MB for t in totals]
-    row["engine_total_mb"], row["engine_total_mb_per_rank"] = max(by_design) / MB, [t / MB for t in by_design]
+    row["state_mb"], row["state_mb_per_rank"] = max(state) / MB, [t / MB for t in state]
     row["peak_rss_mb"] = max(r["peak_rss"] for r in ranks) / MB
     row["peak_rss_mb_per_rank"] = [r["peak_rss"] / MB for r in ranks]
     row["rss_after_step_mb_per_rank"] = [r["snapshots"]["after_step"]["rss"] / MB for r in ranks]
@@ -448,7 +461,7 @@ def summarise_memory(engine: str, ranks: list[dict[str, Any]], wall: float, comm
     row["where_mb_rank0"] = {snapshot: {category: {name: size / MB for name, size in names.items()}
                                         for category, names in ranks[0]["snapshots"][snapshot]["where"].items()}
                              for snapshot in ("after_backward", "after_step")}
-    for key in ("zero3_params_whole", "zero3_params_partitioned"):
+    for key in ("zero3_params_whole", "zero3_params_partitioned", "zero3_whole_elements"):
         if key in ranks[0] and engine == "zero3":
             row[key] = ranks[0][key]
     row["command"] = command
@@ -500,7 +513,7 @@ def run_scaling(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     demo = demo_dir(args)
     steps = args.warmup + args.steps
     cases = {"1 process": (1, 1), "2 processes": (2, 1)}
-    if not args.quick:
+    if args.threads_case:
         cases["1 process, 2 threads"] = (1, 2)
     base = [f"data.demo_dir={demo}", f"trainer.max_steps={steps}", "trainer.log_every=1",
             f"trainer.checkpoint_every={steps}", "trainer.optim.warmup_steps=2", *QUIET,
@@ -533,6 +546,9 @@ def run_scaling(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     for row in rows.values():
         row["step_time_ratio"] = row["mean_step_s"] / one["mean_step_s"]
         row["throughput_ratio"] = row["samples_per_s"] / one["samples_per_s"]
+        # within each round (the cases of one round ran back to back, under about the same load)
+        row["throughput_ratio_per_round"] = [r["samples_per_s"] / o["samples_per_s"]
+                                             for r, o in zip(row["rounds"], one["rounds"])]
     return {"settings": {"model": "micro (tests/runs.py)" if args.quick else "tiny", "job": "hsfm pretrain (demo)",
                          "strategy": "ddp", "warmup_steps": args.warmup, "timed_steps": args.steps,
                          "rounds": args.rounds, "batch_per_process": "data.train.batch_size of the demo job",
@@ -599,7 +615,7 @@ def run_preemption_once(args: argparse.Namespace, scratch: Path, index: int) -> 
         signalled = time.monotonic()
         for pid in [launcher.pid, *workers]:
             os.kill(pid, signal.SIGUSR1)
-        manifest_s = latest_s = None
+        manifest_s = latest_s = workers_s = None
         new_dir = None
         while time.monotonic() - signalled < args.timeout:
             now = time.monotonic() - signalled
@@ -613,6 +629,8 @@ def run_preemption_once(args: argparse.Namespace, scratch: Path, index: int) -> 
                         latest_s = now
                 except OSError:
                     pass
+            if workers_s is None and not any(alive(pid) for pid in workers):
+                workers_s = now
             exited = launcher.poll() is not None
             if exited and latest_s is not None:
                 break
@@ -627,7 +645,8 @@ def run_preemption_once(args: argparse.Namespace, scratch: Path, index: int) -> 
         log.close()
     summary = json.loads((output / "summary.json").read_text()) if (output / "summary.json").exists() else {}
     size = sum(f.stat().st_size for f in new_dir.rglob("*") if f.is_file()) if new_dir is not None else 0
-    return {"signal_to_manifest_s": manifest_s, "signal_to_latest_s": latest_s, "signal_to_exit_s": exit_s,
+    return {"signal_to_manifest_s": manifest_s, "signal_to_latest_s": latest_s,
+            "signal_to_workers_exit_s": workers_s, "signal_to_exit_s": exit_s,
             "launcher_exit_code": launcher.returncode, "workers_signalled": len(workers),
             "step_at_signal": step_at_signal, "checkpoint": new_dir.name if new_dir else None,
             "checkpoint_mb": size / MB, "stopped_by": summary.get("stopped_by"),
@@ -692,7 +711,9 @@ def run_preemption(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         say(f"preemption: run {index + 1}/{args.repeats} ...")
         trials.append(run_preemption_once(args, scratch, index))
         t = trials[-1]
-        say(f"  manifest {t['signal_to_manifest_s']}, latest {t['signal_to_latest_s']}, exit {t['signal_to_exit_s']:.2f} s")
+        say("  " + ", ".join(f"{key[len('signal_to_'):-2]} {t[key]:.2f} s" if t[key] is not None else f"{key}: never"
+                             for key in ("signal_to_manifest_s", "signal_to_latest_s", "signal_to_workers_exit_s",
+                                         "signal_to_exit_s")))
 
     def median(key: str) -> float | None:
         values = [t[key] for t in trials if t[key] is not None]
@@ -703,8 +724,10 @@ def run_preemption(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                                    "to both workers, once metrics.jsonl has grown by "
                                    f"{args.preempt_after} steps",
                          "what": "seconds from the signal until checkpoints/step_*/manifest.json exists, until "
-                                 "checkpoints/latest names it, until the launcher exited; median over runs"},
+                                 "checkpoints/latest names it, until both workers and the launcher exited; median "
+                                 "over runs (polled every 2 ms)"},
             "signal_to_manifest_s": median("signal_to_manifest_s"), "signal_to_latest_s": median("signal_to_latest_s"),
+            "signal_to_workers_exit_s": median("signal_to_workers_exit_s"),
             "signal_to_exit_s": median("signal_to_exit_s"), "trials": trials, "command": trials[0]["command"],
             "bare_torchrun": check_bare_launcher(args, scratch) if args.check_launcher else None}
 
@@ -718,17 +741,18 @@ def print_tables(results: dict[str, Any]) -> None:
         say(f"\nper-rank memory of one training step: model {s['model']}, world size 2, {s['batch_per_rank']} x "
             f"{s['tile']}x{s['tile']} px x {s['bands']} bands per rank (MB = 2^20 bytes, max over ranks)")
         nan = float("nan")
-        say(f"{'engine':7} {'params':>7} {'master':>7} {'grads':>7} {'optim':>7} {'buffers':>7} {'engine':>7} "
-            f"{'vs DDP':>6} {'leftover':>8} {'total':>7} {'vs DDP':>6} {'peak RSS':>8} {'vs DDP':>6} {'step s':>6}")
+        say(f"{'engine':7} {'params':>7} {'master':>7} {'grads':>7} {'optim':>7} {'state':>7} {'vs DDP':>6} "
+            f"{'buffers':>7} {'leftover':>8} {'total':>7} {'vs DDP':>6} {'peak RSS':>8} {'vs DDP':>6} {'step s':>6}")
         for engine, row in memory["engines"].items():
             t = row["timings_s"]
             say(f"{engine:7} {row['params_mb']:7.0f} {row['master_mb']:7.0f} {row['grads_mb']:7.0f} "
-                f"{row['optim_mb']:7.0f} {row['buffers_mb']:7.0f} {row['engine_total_mb']:7.0f} "
-                f"{row.get('engine_ratio_to_ddp', nan):6.2f} {row['leftover_mb']:8.0f} {row['total_mb']:7.0f} "
+                f"{row['optim_mb']:7.0f} {row['state_mb']:7.0f} {row.get('state_ratio_to_ddp', nan):6.2f} "
+                f"{row['buffers_mb']:7.0f} {row['leftover_mb']:8.0f} {row['total_mb']:7.0f} "
                 f"{row.get('ratio_to_ddp', nan):6.2f} {row['peak_rss_mb']:8.0f} "
                 f"{row.get('peak_rss_ratio_to_ddp', nan):6.2f} {t['forward_backward_s'] + t['optimizer_step_s']:6.1f}")
-        say("engine = params + master + grads + optim + buffers (what the engine is meant to hold); leftover = "
-            "parameters the trainer's groups still hold after the engine replaced them; total = engine + leftover")
+        say("state = params + master + grads + optim; buffers = DDP's gradient buckets, DeepSpeed's other tensors; "
+            "leftover = parameters the trainer's groups still hold after the engine replaced them; total = all of "
+            "these. step s = forward + backward + optimiser step of the one step (slowest rank)")
     scaling = results.get("scaling")
     if scaling:
         s = scaling["settings"]
@@ -745,12 +769,15 @@ def print_tables(results: dict[str, Any]) -> None:
 
         say(f"\npreemption (SIGUSR1, 2 processes, {preemption['settings']['model']} model, median of "
             f"{len(preemption['trials'])}): checkpoint manifest {value(preemption['signal_to_manifest_s'])}, "
-            f"latest {value(preemption['signal_to_latest_s'])}, processes exited {value(preemption['signal_to_exit_s'])}"
-            f" (step {preemption['trials'][0]['mean_step_s_before_signal'] or float('nan'):.3f} s)")
+            f"latest {value(preemption['signal_to_latest_s'])}, workers exited "
+            f"{value(preemption['signal_to_workers_exit_s'])}, launcher exited {value(preemption['signal_to_exit_s'])}"
+            f"; a step took {preemption['trials'][0]['mean_step_s_before_signal'] or float('nan'):.3f} s, the "
+            f"checkpoint is {preemption['trials'][0]['checkpoint_mb']:.1f} MB")
         bare = preemption.get("bare_torchrun")
         if bare:
             say(f"a bare torchrun's process group sent SIGUSR1: launcher exit code {bare['launcher_exit_code']}, "
-                f"{bare['workers_alive_after_wait']} of {bare['workers']} workers still running {bare['wait_s']:g} s later, checkpoint "
+                f"{bare['workers_alive_after_wait']} of {bare['workers']} workers still running {bare['wait_s']:g} s "
+                f"later, checkpoint "
                 f"written: {bare['checkpoint_written']} (after signalling the workers themselves: "
                 f"{bare['checkpoint_after_signalling_workers']})")
 
@@ -776,6 +803,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check-launcher", action=argparse.BooleanOptionalAction,
                         help="preemption: also send SIGUSR1 to a bare torchrun's process group and see what happens "
                              "(default: on, off with --quick)")
+    parser.add_argument("--threads-case", action="store_true",
+                        help="scaling: also 1 process with 2 intra-op threads (very slow when the cores are shared)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: memory,scaling,preemption")
     parser.add_argument("--quick", action="store_true", help="tiny versions of everything (seconds)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per child run")
@@ -831,9 +860,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             scratch = args.demo_root = Path(temporary)
         for section in args.sections:
-            started = time.perf_counter()
+            started, load = time.perf_counter(), os.getloadavg()[0]
             results[section] = runners[section](args, scratch)
             results[section]["wall_s"] = time.perf_counter() - started
+            # the 1-minute load average before and after: other work on the machine shows here
+            results[section]["load_average"] = [load, os.getloadavg()[0]]
     print_tables(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -29,7 +29,7 @@ def test_quick_run_reports_every_section(demo_dir, tmp_path):
     for name, row in engines.items():
         assert row["step_applied"], name
         assert row["params_mb"] > 0 and row["grads_mb"] > 0 and row["optim_mb"] > 0, name
-        assert row["total_mb"] >= row["engine_total_mb"] > 0 and row["peak_rss_mb"] > 0, name
+        assert row["total_mb"] >= row["state_mb"] > 0 and row["peak_rss_mb"] > 0, name
         assert "torch.distributed.run" in row["command"], name
     ddp, zero3, fsdp2 = engines["ddp"], engines["zero3"], engines["fsdp2"]
     assert ddp["ratio_to_ddp"] == 1.0 and ddp["master_mb"] == 0

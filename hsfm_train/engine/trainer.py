@@ -168,7 +168,8 @@ def make_accelerator(config: TrainerConfig) -> Accelerator:
     timeout = timedelta(seconds=config.timeout_s)
     handlers: list = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)] if distributed else []
     # a batch uses the patch projection and decoder head of its own spectral grouping only
-    handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    # gradients as views of DDP's buckets: no second copy of every gradient
+    handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True, gradient_as_bucket_view=True))
     return Accelerator(cpu=not cuda, mixed_precision="no" if precision == "fp32" else precision,
                        kwargs_handlers=handlers)
 
@@ -338,6 +339,7 @@ class Trainer:
                 block.compile()
         self.strategy.setup(self._plain, self._groups, tuple(optim.betas),
                             lambda step: lr_factor(step, optim.warmup_steps, config.max_steps, floor))
+        self._groups = None  # FSDP2 replaced these parameters by shards: holding them would keep a whole copy
         if self._pending is not None:
             pending, self._pending = self._pending, None
             if pending.get("optimizer") is not None:
