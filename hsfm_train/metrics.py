@@ -243,3 +243,67 @@ def effective_rank(features: Any, max_rows: int = 4096) -> float:
     p = singular / singular.sum()
     p = p[p > 0]
     return float(np.exp(-(p * np.log(p)).sum()))
+
+
+# ------------------------------------------------------------------------------------------------------- unmixing
+# Endmembers are [R, B] (one spectrum per row), abundances [P, R] (one row per pixel), pixels [P, B]. SAD is in
+# radians; estimated endmembers are matched to the ground truth by the Hungarian algorithm on the SAD matrix
+# (never greedily, never by position), and the abundances are permuted with them.
+
+
+def spectral_angle_matrix(estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """[R_est, R_true] spectral angles (radians) between every estimated and every true endmember; a zero spectrum
+    is at pi/2 from everything."""
+    a, b = np.asarray(estimated, np.float64), np.asarray(truth, np.float64)
+    norms = np.linalg.norm(a, axis=1)[:, None] * np.linalg.norm(b, axis=1)[None, :]
+    cosine = np.divide(a @ b.T, norms, out=np.zeros((len(a), len(b))), where=norms > 0)
+    return np.arccos(np.clip(cosine, -1.0, 1.0))
+
+
+def match_endmembers(estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """``order`` such that ``estimated[order[i]]`` is matched to ``truth[i]``: the assignment of least total SAD."""
+    from scipy.optimize import linear_sum_assignment
+
+    if len(estimated) != len(truth):
+        raise ValueError(f"{len(estimated)} estimated endmembers for {len(truth)} true ones")
+    rows, columns = linear_sum_assignment(spectral_angle_matrix(estimated, truth))
+    order = np.empty(len(truth), dtype=np.int64)
+    order[columns] = rows
+    return order
+
+
+def unmixing_scores(endmembers: np.ndarray, abundances: np.ndarray | None, pixels: np.ndarray,
+                    true_endmembers: np.ndarray | None = None, true_abundances: np.ndarray | None = None
+                    ) -> dict[str, Any]:
+    """One run's scores: ``sad_per_endmember`` and ``sad_mean`` (radians, after Hungarian matching),
+    ``abundance_rmse`` (over every pixel and endmember, matched order) and ``reconstruction_rmse`` of
+    ``abundances @ endmembers`` against ``pixels``; the ground-truth scores where the truth is given."""
+    endmembers = np.asarray(endmembers, np.float64)
+    scores: dict[str, Any] = {}
+    if abundances is not None:
+        abundances = np.asarray(abundances, np.float64)
+        reconstruction = abundances @ endmembers
+        scores["reconstruction_rmse"] = float(np.sqrt(np.mean((reconstruction - np.asarray(pixels)) ** 2)))
+    if true_endmembers is not None:
+        order = match_endmembers(endmembers, true_endmembers)
+        angles = spectral_angle_matrix(endmembers[order], true_endmembers).diagonal()
+        scores.update(order=order.tolist(), sad_per_endmember=angles.tolist(), sad_mean=float(angles.mean()))
+        if abundances is not None and true_abundances is not None:
+            error = abundances[:, order] - np.asarray(true_abundances, np.float64)
+            scores["abundance_rmse"] = float(np.sqrt(np.mean(error ** 2)))
+    return scores
+
+
+def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation (population, as the unmixing papers report) over runs of every scalar score,
+    and the per-endmember SAD means: ``<score>_mean``, ``<score>_std``, ``sad_per_endmember``."""
+    summary: dict[str, Any] = {"runs": len(runs)}
+    for key in ("sad_mean", "abundance_rmse", "reconstruction_rmse"):
+        values = [run[key] for run in runs if key in run]
+        if values:
+            name = "sad" if key == "sad_mean" else key
+            summary[f"{name}_mean"], summary[f"{name}_std"] = float(np.mean(values)), float(np.std(values))
+    per_endmember = [run["sad_per_endmember"] for run in runs if "sad_per_endmember" in run]
+    if per_endmember:
+        summary["sad_per_endmember"] = np.mean(per_endmember, axis=0).tolist()
+    return summary

@@ -1,8 +1,13 @@
-"""Spectral utilities every layer shares: the packaged USGS spectral library, and endmember extraction.
+"""Spectral utilities every layer shares: the packaged USGS spectral library, endmember extraction and the
+classical unmixing baselines.
 
 Synthetic scenes (``data/synthetic.py``), the LSMM head's starting endmembers (``stages/pretrain.py``) and the
-unmixing baselines all draw on these, so they live below all of them. VCA: Nascimento & Bioucas-Dias, "Vertex
-component analysis", IEEE TGRS 43(4), 2005.
+unmixing stage all draw on these, so they live below all of them. VCA: Nascimento & Bioucas-Dias, "Vertex
+component analysis", IEEE TGRS 43(4), 2005. N-FINDR: Winter, SPIE 3753, 1999. FCLS: Heinz & Chang, IEEE TGRS
+39(3), 2001 (sum-to-one by an appended, weighted row of ones, then non-negative least squares). NMF with the same
+sum-to-one row: the multiplicative updates of Lee & Seung (NIPS 2000).
+
+Pixels are [P, B] (reflectance), endmembers [R, B], abundances [P, R].
 """
 from __future__ import annotations
 
@@ -136,3 +141,70 @@ def vca(pixels: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
         basis[:, i] = projected[:, index]
         indices.append(index)
     return pixels[indices].astype(np.float32)
+
+
+def fcls(pixels: np.ndarray, endmembers: np.ndarray, sum_weight: float | None = None) -> np.ndarray:
+    """Fully constrained least-squares abundances [P, R] (non-negative, summing to one) of pixels [P, B] on
+    endmembers [R, B]. The sum-to-one row is weighted by ``sum_weight`` (default: 10 x the largest endmember
+    value, strong enough to hold the sum to one within about 1e-4 while the fit still dominates elsewhere)."""
+    from scipy.optimize import nnls
+
+    e = np.asarray(endmembers, np.float64)
+    y = np.asarray(pixels, np.float64)
+    delta = 10.0 * float(np.abs(e).max()) if sum_weight is None else sum_weight
+    system = np.vstack([e.T, delta * np.ones((1, len(e)))])  # [B + 1, R]
+    abundances = np.empty((len(y), len(e)))
+    for index, pixel in enumerate(y):
+        abundances[index] = nnls(system, np.append(pixel, delta))[0]
+    abundances /= np.maximum(abundances.sum(axis=1, keepdims=True), 1e-12)  # exact sum to one (drift ~1e-4)
+    return abundances.astype(np.float32)
+
+
+def nfindr(pixels: np.ndarray, count: int, seed: int = 0, max_sweeps: int = 20) -> np.ndarray:
+    """Endmembers [count, B]: the pixels spanning the simplex of largest volume in the (count - 1)-dimensional
+    principal subspace, found by replacing one vertex at a time (every pixel tried for every vertex) until a whole
+    sweep changes nothing. Starts from ``count`` random pixels."""
+    y = np.asarray(pixels, np.float64)
+    if len(y) < count:
+        raise ValueError(f"N-FINDR needs at least {count} pixels, got {len(y)}")
+    centred = y - y.mean(axis=0)
+    basis = np.linalg.svd(centred, full_matrices=False)[2][: count - 1]  # [count - 1, B]
+    reduced = np.hstack([np.ones((len(y), 1)), centred @ basis.T])  # [P, count]: homogeneous coordinates
+    chosen = np.random.default_rng(seed).choice(len(y), count, replace=False)
+    volume = abs(np.linalg.det(reduced[chosen]))
+    for _ in range(max_sweeps):
+        changed = False
+        for vertex in range(count):
+            trial = np.repeat(reduced[chosen][None], len(y), axis=0)  # [P, count, count]
+            trial[:, vertex] = reduced
+            volumes = np.abs(np.linalg.det(trial))
+            best = int(np.argmax(volumes))
+            if volumes[best] > volume * (1 + 1e-9):
+                chosen[vertex], volume, changed = best, volumes[best], True
+        if not changed:
+            break
+    return y[chosen].astype(np.float32)
+
+
+def nmf_unmix(pixels: np.ndarray, count: int, seed: int = 0, iterations: int = 500,
+              initial_endmembers: np.ndarray | None = None, sum_weight: float | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(endmembers [count, B], abundances [P, count]) by non-negative matrix factorisation with the sum-to-one row
+    appended to pixels and endmembers (so the abundances sum to one up to its weight), multiplicative updates.
+    Starts from ``initial_endmembers`` (e.g. VCA's) or from random pixels."""
+    y = np.maximum(np.asarray(pixels, np.float64), 0.0)
+    rng = np.random.default_rng(seed)
+    e = (np.asarray(initial_endmembers, np.float64) if initial_endmembers is not None
+         else y[rng.choice(len(y), count, replace=False)]).copy()
+    e = np.maximum(e, 1e-6)
+    a = np.full((len(y), count), 1.0 / count)
+    delta = 10.0 * float(y.max()) if sum_weight is None else sum_weight
+    tiny = 1e-12
+    for _ in range(iterations):
+        # abundances against the augmented system [E | delta], pixels [Y | delta]
+        augmented = np.hstack([e, np.full((count, 1), delta)])  # [R, B + 1]
+        target = np.hstack([y, np.full((len(y), 1), delta)])  # [P, B + 1]
+        a *= (target @ augmented.T) / (a @ augmented @ augmented.T + tiny)
+        e *= (a.T @ y) / (a.T @ a @ e + tiny)
+    a /= np.maximum(a.sum(axis=1, keepdims=True), tiny)
+    return e.astype(np.float32), a.astype(np.float32)
