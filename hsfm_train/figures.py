@@ -211,3 +211,51 @@ def reconstruction_figure(path: str | os.PathLike, image: Any, masked_image_mask
         fig.suptitle(title)
 
     return _save(fig, path)
+
+
+def endmembers_figure(path: str | os.PathLike, estimated: Any, truth: Any | None, wavelengths: Any = None,
+                      names: Sequence[str] | None = None, title: str = "") -> Path:
+    """One panel per endmember: the estimated spectrum beside its matched ground truth ([R, B] both, already in
+    matched order). Each curve is scaled to its own maximum: SAD compares shapes, and papers' ground truths are often
+    peak-normalised."""
+    estimated = np.asarray(estimated, np.float64)
+    count, bands = estimated.shape
+    x = np.asarray(wavelengths, np.float64) if wavelengths is not None else np.arange(bands)
+    fig = Figure(figsize=(3.2 * count, 3.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, count))
+    for index, ax in enumerate(axes):
+        peak = lambda values: values / max(float(np.abs(values).max()), 1e-12)  # noqa: E731
+        ax.plot(x, peak(estimated[index]), label="estimated")
+        if truth is not None:
+            ax.plot(x, peak(np.asarray(truth, np.float64)[index]), "--", label="ground truth")
+        ax.set_title(names[index] if names is not None and index < len(names) else f"endmember {index + 1}",
+                     fontsize="small")
+        ax.set_xlabel("wavelength (nm)" if wavelengths is not None else "band")
+    axes[0].legend(fontsize="x-small")
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    return _save(fig, Path(path))
+
+
+def abundance_maps_figure(path: str | os.PathLike, estimated: Any, truth: Any | None,
+                          names: Sequence[str] | None = None, title: str = "") -> Path:
+    """Abundance maps [H, W, R] in [0, 1]: estimated (top row) over ground truth (bottom row), matched order."""
+    estimated = np.asarray(estimated, np.float64)
+    count = estimated.shape[-1]
+    rows = 1 if truth is None else 2
+    fig = Figure(figsize=(2.4 * count + 0.8, 2.4 * rows + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.asarray(fig.subplots(rows, count, squeeze=False))
+    image = None
+    for column in range(count):
+        for row, maps in enumerate([estimated] + ([] if truth is None else [np.asarray(truth, np.float64)])):
+            ax = axes[row, column]
+            image = ax.imshow(maps[..., column], vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+            ax.set_axis_off()
+            label = names[column] if names is not None and column < len(names) else f"endmember {column + 1}"
+            ax.set_title(f"{label}{'' if row == 0 else ' (truth)'}", fontsize="small")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    return _save(fig, Path(path))

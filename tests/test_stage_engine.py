@@ -32,7 +32,7 @@ def test_stages_are_registered_and_listed_by_the_cli(capsys):
         get_stage("pretrian")
 
 
-REQUIRED = {"probe": ["data.scene=scene.npz"]}  # keys a stage has no default for
+REQUIRED = {"probe": ["data.scene=scene.npz"], "unmix": ["data.scene=scene.npz"]}  # keys without a default
 
 
 def test_every_stage_prints_its_config(capsys):
