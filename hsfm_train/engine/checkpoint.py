@@ -17,9 +17,9 @@ sha256 in ``load()``) instead of trusting names.
 Distributed (format 2): the main process writes the consolidated files (``model.safetensors``, a full
 ``optimizer_state`` when the engine does not shard it, ``state.json``); with ``rank_state`` every rank also writes
 ``rank_NNNNN.json`` + ``rank_NNNNN.safetensors`` (its optimiser shard and RNG) into the same partial directory.
-The ranks meet at barriers (``ranks``: the job's processes); the main process writes the manifest, listing every
-rank's file with the size and sha256 that rank measured, only after all of them succeeded, so a rank that fails or
-dies leaves no complete checkpoint behind. Multi-node jobs need ``directory`` on a filesystem every node shares.
+The ranks exchange the directory name and their results by broadcast and gather (``ranks``: the job's processes);
+the main process writes the manifest, listing every rank's file with the size and sha256 that rank measured, only
+after all of them succeeded, so a rank that fails or dies leaves no complete checkpoint behind. Multi-node jobs need ``directory`` on a filesystem every node shares.
 Format 1 checkpoints (one process, no rank files) load as before.
 """
 from __future__ import annotations
@@ -160,9 +160,6 @@ class Ranks:
     one built on torch.distributed."""
 
     is_main_process, process_index, num_processes = True, 0, 1
-
-    def barrier(self) -> None:
-        pass
 
     def broadcast(self, value: Any) -> Any:
         """The main process's ``value`` on every rank."""

@@ -265,9 +265,6 @@ class AcceleratorRanks(Ranks):
         self.is_main_process = accelerator.is_main_process
         self.process_index, self.num_processes = accelerator.process_index, accelerator.num_processes
 
-    def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
-
     def broadcast(self, value: Any) -> Any:
         if self.num_processes == 1:
             return value

@@ -82,14 +82,16 @@ class _Scores:
             return dict.fromkeys(METRICS, math.nan)
         return {metric: self.totals[key][metric] / count for metric in METRICS}
 
-    def merge(self, others: list[_Scores]) -> None:
-        """Add other ranks' sums (every image still weighs the same)."""
-        for other in others:
-            for key, totals in other.totals.items():
-                mine = self.totals.setdefault(key, dict.fromkeys(totals, 0.0))
-                for metric, value in totals.items():
+    def merge_ranks(self) -> None:
+        """Replace this rank's sums by the sums over every rank of the job (every image still weighs the same)."""
+        parts = gather_from_all((self.totals, self.counts))
+        self.totals, self.counts = {}, {}
+        for totals, counts in parts:
+            for key, sums in totals.items():
+                mine = self.totals.setdefault(key, dict.fromkeys(sums, 0.0))
+                for metric, value in sums.items():
                     mine[metric] += value
-                self.counts[key] = self.counts.get(key, 0) + other.counts[key]
+                self.counts[key] = self.counts.get(key, 0) + counts[key]
 
     def results(self) -> dict[str, Any]:
         results: dict[str, Any] = self.mean(None)
@@ -151,14 +153,7 @@ def evaluate_reconstruction(model: torch.nn.Module, loader: Any, config: EvalCon
     model.train(was_training)
     if world > 1:
         for meters in (scores, *baseline_scores.values()):
-            others = gather_from_all((meters.totals, meters.counts))
-            meters.totals, meters.counts = {}, {}
-            merged = []
-            for totals, counts in others:
-                part = _Scores()
-                part.totals, part.counts = totals, counts
-                merged.append(part)
-            meters.merge(merged)
+            meters.merge_ranks()
     results = scores.results()
     results["images"] = scores.counts.get(None, 0)
     if baselines:
