@@ -9,7 +9,8 @@ import pytest
 
 from hsfm_train.cli import main
 from hsfm_train.errors import ConfigError
-from hsfm_train.stages.unmix import METHODS, UnmixStage
+from hsfm_train.stages.unmix import UnmixStage
+from hsfm_train.unmixing import METHODS
 from tests.conftest import shared_file
 
 SUMMARY_KEYS = {"method", "runs", "sad_mean", "sad_std", "sad_per_endmember", "abundance_rmse_mean",

@@ -5,9 +5,11 @@ scene's ground truth.
     hsfm unmix method=nfindr-fcls data.scene=... runs=25 seed=0
     hsfm unmix method=nmf data.scene=../shared/data/unmixing/urban/urban_gt_end4.npz data.snr_db=30
 
-Methods (``METHODS``): the classical baselines ``vca-fcls`` and ``nfindr-fcls`` (endmember extraction, then fully
-constrained least squares) and ``nmf`` (non-negative factorisation with sum-to-one, started from VCA). The learned
-methods of the unmixing issue (``lsmm-head``, ``cnnaeu``, ``cnnaeu-contrastive``, ``mamba-semi``) are not here yet.
+Methods (``hsfm_train.unmixing.METHODS``, one signature, each with its own config section): the classical
+baselines ``vca-fcls`` and ``nfindr-fcls`` (endmember extraction, then fully constrained least squares) and ``nmf``
+(non-negative factorisation with sum-to-one, started from VCA); ``cnnaeu`` and ``cnnaeu-contrastive``
+(convolutional autoencoders); ``mamba-semi`` (dual-branch Mamba, semi-supervised from ``mamba.labelled``
+ground-truth pixels); ``lsmm-head`` (an exported backbone + KARMA's abundance head).
 
 Data. Any scene file the readers load (reader options under ``data.reader``); its ``endmembers`` and
 ``abundances``, where present, are the ground truth. A ``.npz`` with ground truth but no cube (Urban's) becomes a
@@ -25,15 +27,18 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from hsfm_train.errors import ConfigError, DataFormatError
 from hsfm_train.io import write_atomic
 from hsfm_train.metrics import summarise_runs, unmixing_scores
-from hsfm_train.spectra import fcls, nfindr, nmf_unmix, vca
 from hsfm_train.stages.base import Stage, register_stage
+from hsfm_train.unmixing import METHODS, LabelledPixels, UnmixingInput
+from hsfm_train.unmixing.classical import NMFConfig
+from hsfm_train.unmixing.cnnaeu import CNNAEUConfig, ContrastiveConfig
+from hsfm_train.unmixing.mamba_semi import MambaSemiConfig
 
 
 @dataclass
@@ -46,12 +51,6 @@ class UnmixDataConfig:
 
 
 @dataclass
-class NMFConfig:
-    iterations: int = 500
-    init: str = "vca"  # "vca" or "random" (random pixels)
-
-
-@dataclass
 class UnmixConfig:
     data: UnmixDataConfig = field(default_factory=UnmixDataConfig)
     method: str = "vca-fcls"
@@ -60,18 +59,20 @@ class UnmixConfig:
     output_dir: str = "runs/unmix"
     seed: int = 0
     figures: bool = True
+    device: str = "auto"  # the learned methods: "auto" (CUDA when there is one), "cpu", "cuda", "cuda:1", ...
     nmf: NMFConfig = field(default_factory=NMFConfig)
+    cnnaeu: CNNAEUConfig = field(default_factory=CNNAEUConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    mamba: MambaSemiConfig = field(default_factory=MambaSemiConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.nmf, dict):
-            self.nmf = NMFConfig(**self.nmf)
         problems = []
         if self.method not in METHODS:
             problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.runs < 1:
             problems.append(f"runs must be >= 1, got {self.runs}")
-        if self.nmf.init not in ("vca", "random"):
-            problems.append(f"nmf.init must be vca or random, got {self.nmf.init!r}")
+        for section in (self.nmf, self.contrastive, self.mamba):
+            problems += section.problems()
         if self.data.num_endmembers is not None and self.data.num_endmembers < 2:
             problems.append(f"data.num_endmembers must be >= 2, got {self.data.num_endmembers}")
         if problems:
@@ -89,26 +90,6 @@ class UnmixingScene:
     true_endmembers: np.ndarray | None = None  # [R, B]
     true_abundances: np.ndarray | None = None  # [P, R]
     endmember_names: list[str] | None = None
-
-
-# method name -> (pixels [P, B], R, seed, config) -> (endmembers [R, B], abundances [P, R])
-Method = Callable[[np.ndarray, int, int, UnmixConfig], tuple[np.ndarray, np.ndarray]]
-
-
-def _extract_then_fcls(extract: Callable[..., np.ndarray]) -> Method:
-    def method(pixels: np.ndarray, count: int, seed: int, config: UnmixConfig) -> tuple[np.ndarray, np.ndarray]:
-        endmembers = extract(pixels, count, seed=seed)
-        return endmembers, fcls(pixels, endmembers)
-    return method
-
-
-def _nmf(pixels: np.ndarray, count: int, seed: int, config: UnmixConfig) -> tuple[np.ndarray, np.ndarray]:
-    start = vca(pixels, count, seed=seed) if config.nmf.init == "vca" else None
-    return nmf_unmix(pixels, count, seed=seed, iterations=config.nmf.iterations, initial_endmembers=start)
-
-
-METHODS: dict[str, Method] = {"vca-fcls": _extract_then_fcls(vca), "nfindr-fcls": _extract_then_fcls(nfindr),
-                              "nmf": _nmf}
 
 
 def load_unmixing_scene(config: UnmixDataConfig) -> UnmixingScene:
@@ -169,13 +150,16 @@ def _endmember_count(config: UnmixDataConfig, truth: np.ndarray | None, path: Pa
 def run_unmixing(config: UnmixConfig) -> dict[str, Any]:
     scene = load_unmixing_scene(config.data)
     method = METHODS[config.method]
+    labelled = method.labelled_pixels(config)
     output = Path(config.output_dir)
     scored = scene.true_endmembers is not None and len(scene.true_endmembers) == scene.count
     runs, seconds = [], []
     for number in range(config.runs):
         seed = config.seed + number
+        inputs = UnmixingInput(scene.pixels, scene.shape, scene.count, scene.wavelengths_nm,
+                               labelled_pixels(scene, labelled, seed) if labelled else None)
         started = time.perf_counter()
-        endmembers, abundances = method(scene.pixels, scene.count, seed, config)  # the ground truth stays here
+        endmembers, abundances = method.fit(inputs, seed, config)  # the ground truth stays here
         seconds.append(time.perf_counter() - started)
         scores = unmixing_scores(endmembers, abundances, scene.pixels,
                                  scene.true_endmembers if scored else None,
@@ -186,11 +170,23 @@ def run_unmixing(config: UnmixConfig) -> dict[str, Any]:
         if config.figures:
             _figures(output, number, scene, endmembers, abundances, scores)
         runs.append({"seed": seed, "seconds": seconds[-1], **scores})
-    summary = {"method": config.method, "scene": str(config.data.scene), "scene_name": scene.name,
+    summary = {"method": config.method, "labelled_pixels": labelled, "scene": str(config.data.scene), "scene_name": scene.name,
                "endmembers": scene.count, "pixels": len(scene.pixels), "bands": scene.pixels.shape[1],
                "endmember_names": scene.endmember_names, "scored": scored, **summarise_runs(runs),
                "seconds_per_run": float(np.mean(seconds)), "per_run": runs, "config": asdict(config)}
     return summary
+
+
+def labelled_pixels(scene: UnmixingScene, count: int, seed: int) -> LabelledPixels:
+    """``count`` pixels drawn uniformly without replacement (``default_rng(seed)``), with their ground-truth
+    abundances: the only ground truth a semi-supervised method is given."""
+    if scene.true_abundances is None or scene.true_abundances.shape[1] != scene.count:
+        raise ConfigError(f"unmix: this method is given {count} labelled pixels, but {scene.name} has no ground-truth "
+                          f"abundances with R = {scene.count} endmembers to label them from")
+    if count > len(scene.pixels):
+        raise ConfigError(f"unmix: {count} labelled pixels asked for, but the scene has {len(scene.pixels)}")
+    indices = np.sort(np.random.default_rng(seed).choice(len(scene.pixels), size=count, replace=False))
+    return LabelledPixels(indices, scene.true_abundances[indices].copy())
 
 
 def _write_run(output: Path, number: int, endmembers: np.ndarray, abundances: np.ndarray) -> None:
