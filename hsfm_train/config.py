@@ -34,6 +34,16 @@ def to_dataclass(schema: type[T], values: Mapping[str, Any] | Any, where: str) -
         raise ConfigError(f"{where}: '{error.full_key}': {str(error).splitlines()[0]}") from None
 
 
+def free_mapping_overrides(overrides: list[str], mappings: tuple[str, ...]) -> list[str]:
+    """Overrides of keys inside free mappings (``data.reader.bands=corrected``, where ``data.reader`` is a
+    ``dict[str, Any]`` of reader options) rewritten as Hydra's add-or-replace ``++key=value``: Hydra would
+    otherwise want ``+`` to add a key the schema cannot list."""
+    def inside(override: str) -> bool:
+        key = override.split("=", 1)[0].lstrip("+")
+        return any(key == m or key.startswith(m + ".") for m in mappings)
+    return [f"++{o.lstrip('+')}" if inside(o) else o for o in overrides]
+
+
 def compose(config_name: str, overrides: list[str], schema: type[T]) -> T:
     """Compose ``configs/<config_name>.yaml`` with Hydra command-line style overrides (``group=option``,
     ``a.b=value``) and validate it against ``schema``; every mistake is one ConfigError naming the key.

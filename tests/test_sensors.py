@@ -50,7 +50,8 @@ def _steps_back(centres: np.ndarray) -> list[int]:
 def test_required_presets_and_band_counts():
     counts = {name: get_preset(name).num_bands for name in preset_names()}
     assert counts == {"aviris": 224, "aviris_1992": 220, "hyperion": 242, "enmap": 224, "prisma": 239, "emit": 285,
-                      "desis": 235, "sentinel2_msi": 13, "landsat8_oli": 9, "landsat9_oli": 9, "sentinel1_c": 1}
+                      "desis": 235, "sentinel2_msi": 13, "landsat8_oli": 9, "landsat9_oli": 9, "sentinel1_c": 1,
+                      "hydice": 210, "hydice_urban162": 162}
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -69,7 +70,8 @@ def test_every_preset_is_consistent(name):
 
 
 def test_approximate_flags():
-    assert {name for name in preset_names() if get_preset(name).approximate} == {"aviris", "prisma", "landsat9_oli"}
+    assert {name for name in preset_names() if get_preset(name).approximate} == {"aviris", "prisma", "landsat9_oli",
+                                                                                      "hydice", "hydice_urban162"}
 
 
 def test_named_multispectral_bands():

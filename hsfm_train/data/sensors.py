@@ -290,6 +290,35 @@ def _sentinel1_c() -> SensorPreset:
     )
 
 
+# HYDICE Urban as the unmixing benchmark distributes it: 1-based channels of the 210 kept after removing
+# 1-4, 76, 87, 101-111, 136-153 and 198-210 (water vapour and atmospheric absorption)
+_URBAN_REMOVED = {*range(1, 5), 76, 87, *range(101, 112), *range(136, 154), *range(198, 211)}
+URBAN_162_CHANNELS = tuple(c for c in range(1, 211) if c not in _URBAN_REMOVED)
+_HYDICE_NOTE = ("HYDICE's per-channel calibration is not distributed with the Urban benchmark, which describes its "
+                "210 channels as 400-2500 nm at about 10 nm: the centres here are that nominal grid, evenly spaced "
+                "(10.05 nm apart), with a 10 nm FWHM; real centres may be a few nm off.")
+_HYDICE_CITATION = ("Nominal HYDICE grid (Basedow, Carmer & Anderson, 'HYDICE system: implementation and performance', "
+                    "Proc. SPIE 2480, 1995); Urban's retained channels as in F. Zhu, 'Hyperspectral unmixing: ground "
+                    "truth labeling, datasets, benchmark performances and survey', arXiv:1708.05125, 2017.")
+
+
+def _hydice() -> SensorPreset:
+    centres = np.linspace(400.0, 2500.0, 210)
+    return SensorPreset(name="hydice", centres_nm=tuple(centres), fwhm_nm=(10.0,) * 210,
+                        band_names=tuple(f"ch{c}" for c in range(1, 211)), approximate=True,
+                        citation=_HYDICE_CITATION, note=_HYDICE_NOTE)
+
+
+def _hydice_urban162() -> SensorPreset:
+    full = _hydice()
+    return SensorPreset(name="hydice_urban162", centres_nm=tuple(full.centres[np.asarray(URBAN_162_CHANNELS) - 1]),
+                        fwhm_nm=(10.0,) * len(URBAN_162_CHANNELS),
+                        band_names=tuple(f"ch{c}" for c in URBAN_162_CHANNELS), approximate=True,
+                        citation=_HYDICE_CITATION,
+                        note=_HYDICE_NOTE + " The 162 channels Urban keeps (the hydice preset without channels "
+                                            "1-4, 76, 87, 101-111, 136-153, 198-210).")
+
+
 _FACTORIES: dict[str, Callable[[], SensorPreset]] = {
     "aviris": _aviris,
     "aviris_1992": _aviris_1992,
@@ -302,6 +331,8 @@ _FACTORIES: dict[str, Callable[[], SensorPreset]] = {
     "landsat8_oli": _landsat8_oli,
     "landsat9_oli": _landsat9_oli,
     "sentinel1_c": _sentinel1_c,
+    "hydice": _hydice,
+    "hydice_urban162": _hydice_urban162,
 }
 
 _warned_presets: set[str] = set()

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hsfm_train.config import CONFIG_DIR, compose, to_dataclass
+from hsfm_train.config import CONFIG_DIR, compose, free_mapping_overrides, to_dataclass
 from hsfm_train.errors import ConfigError, DataFormatError
 from hsfm_train.metrics import classification_scores, effective_rank
 from hsfm_train.models.mae import ModelConfig
@@ -79,9 +79,7 @@ def load_probe_config(overrides: list[str] | None = None) -> ProbeConfig:
     YAML holds only deviations and a mistyped key fails naming it. ``data.reader`` is a free mapping of reader
     options, where Hydra would want ``+`` to add a key: ``data.reader.bands=corrected`` is passed as
     ``++data.reader.bands=corrected`` (add or replace)."""
-    rewritten = [f"++{o}" if o.split("=", 1)[0] == "data.reader" or o.startswith("data.reader.") else o
-                 for o in overrides or []]
-    config = compose("probe", rewritten, ProbeConfig)
+    config = compose("probe", free_mapping_overrides(list(overrides or []), ("data.reader",)), ProbeConfig)
     check_probe_config(config)
     return config
 

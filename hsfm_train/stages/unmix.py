@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from hsfm_train.config import compose, free_mapping_overrides
 from hsfm_train.errors import ConfigError, DataFormatError
 from hsfm_train.io import write_atomic
 from hsfm_train.metrics import summarise_runs, unmixing_scores
@@ -129,6 +130,7 @@ def _semi_real_scene(path: Path, config: UnmixDataConfig) -> UnmixingScene:
         raise DataFormatError(f"{path}: abundances must be [H, W, R] with R = {len(endmembers)} endmembers, got "
                               f"{abundances.shape}")
     height, width, _ = abundances.shape
+    wavelengths = _semi_real_wavelengths(path, config.reader, wavelengths, endmembers.shape[1])
     flat = abundances.reshape(-1, len(endmembers))
     clean = flat @ endmembers
     sigma = np.sqrt(np.mean(clean ** 2) / 10 ** (config.snr_db / 10))
@@ -137,6 +139,35 @@ def _semi_real_scene(path: Path, config: UnmixDataConfig) -> UnmixingScene:
     return UnmixingScene(noisy.astype(np.float32), (height, width), count, wavelengths,
                          f"{path.stem} at {config.snr_db:g} dB", endmembers.astype(np.float32),
                          flat.astype(np.float32), names)
+
+
+SEMI_REAL_READER_OPTIONS = ("wavelengths_nm", "sensor_preset", "preset_bands")
+
+
+def _semi_real_wavelengths(path: Path, reader: dict[str, Any], stored: np.ndarray | None, bands: int
+                           ) -> np.ndarray | None:
+    """Band centres of a ground-truth-only file: its own ``wavelengths_nm``, or given under data.reader
+    (``wavelengths_nm``, or ``sensor_preset`` [+ ``preset_bands``], e.g. hydice_urban162 for Urban)."""
+    unknown = sorted(set(reader) - set(SEMI_REAL_READER_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unmix: data.reader.{unknown[0]} does not apply to {path} (ground truth without a cube); "
+                          f"options there: {', '.join(SEMI_REAL_READER_OPTIONS)}")
+    if "wavelengths_nm" in reader and "sensor_preset" in reader:
+        raise ConfigError("unmix: give data.reader.wavelengths_nm or data.reader.sensor_preset, not both")
+    if "preset_bands" in reader and "sensor_preset" not in reader:
+        raise ConfigError("unmix: data.reader.preset_bands needs data.reader.sensor_preset")
+    if "sensor_preset" in reader:
+        from hsfm_train.data import sensors
+
+        given, _, _ = sensors.select_bands(reader["sensor_preset"], reader.get("preset_bands"))
+        where = f"sensor preset {reader['sensor_preset']!r}"
+    elif "wavelengths_nm" in reader:
+        given, where = np.asarray(reader["wavelengths_nm"], dtype=np.float64).reshape(-1), "data.reader.wavelengths_nm"
+    else:
+        return stored
+    if len(given) != bands:
+        raise ConfigError(f"unmix: {where} gives {len(given)} band centres, but {path}'s endmembers have {bands} bands")
+    return np.asarray(given, dtype=np.float32)
 
 
 def _endmember_count(config: UnmixDataConfig, truth: np.ndarray | None, path: Path) -> int:
@@ -232,6 +263,10 @@ class UnmixStage(Stage):
     name = "unmix"
     help = "unmix a scene (endmembers + abundances) and score it against its ground truth over several runs"
     config_class = UnmixConfig
+
+    @classmethod
+    def load_config(cls, overrides: list[str] | None = None) -> UnmixConfig:
+        return compose(cls.name, free_mapping_overrides(list(overrides or []), ("data.reader",)), UnmixConfig)
 
     def run(self) -> dict[str, Any]:
         return run_unmixing(self.config)
