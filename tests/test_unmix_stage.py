@@ -28,15 +28,20 @@ def samson_crop(tmp_path_factory):
     return path
 
 
+# a few seconds per method: every learned method trains briefly; lsmm-head on a random tiny backbone (no export)
+QUICK = ["nmf.iterations=50", "cnnaeu.epochs=2", "cnnaeu.patches=6", "contrastive.epochs=2", "mamba.epochs=3",
+         "lsmm.epochs=3", "lsmm.backbone=random", "device=cpu"]
+
+
 def unmix(tmp_path, *overrides: str) -> dict:
-    config = UnmixStage.load_config(["runs=2", f"output_dir={tmp_path}", *overrides])
+    config = UnmixStage.load_config(["runs=2", f"output_dir={tmp_path}", *QUICK, *overrides])
     return UnmixStage(config).execute()
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_writes_runs_figures_and_the_summary(method, samson_crop, tmp_path, capsys):
     assert main(["unmix", f"method={method}", f"data.scene={samson_crop}", "runs=2", f"output_dir={tmp_path}",
-                 "nmf.iterations=50"]) == 0
+                 *QUICK]) == 0
     assert "mean SAD" in capsys.readouterr().out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary) and summary["runs"] == 2 and summary["method"] == method
@@ -49,14 +54,18 @@ def test_every_method_writes_runs_figures_and_the_summary(method, samson_crop, t
             assert (tmp_path / "figures" / f"run_{number:03d}_{kind}.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("method", ["vca-fcls", "nmf"])
+BLIND = [m for m in sorted(METHODS) if m != "mamba-semi"] + ["mamba-semi mamba.labelled=0"]
+
+
+@pytest.mark.parametrize("method", BLIND)
 def test_the_ground_truth_only_scores(method, samson_crop, tmp_path):
+    method, *settings = method.split()
     blind = tmp_path / "blind.npz"
     with np.load(samson_crop) as scene:
         np.savez(blind, cube=scene["cube"], wavelengths_nm=scene["wavelengths_nm"])
-    with_truth = unmix(tmp_path / "truth", f"method={method}", f"data.scene={samson_crop}", "nmf.iterations=30")
+    with_truth = unmix(tmp_path / "truth", f"method={method}", f"data.scene={samson_crop}", *settings)
     without = unmix(tmp_path / "blind", f"method={method}", f"data.scene={blind}", "data.num_endmembers=3",
-                    "nmf.iterations=30")
+                    *settings)
     assert not without["scored"] and "sad_mean" not in without
     for number, run in enumerate(with_truth["per_run"]):
         matched = np.load(tmp_path / "truth" / "runs" / f"run_{number:03d}.npz")["endmembers"]
@@ -82,3 +91,55 @@ def test_unknown_methods_and_missing_scenes_are_named(samson_crop):
         UnmixStage.load_config(["method=cnnae", f"data.scene={samson_crop}"])
     with pytest.raises(ConfigError, match="'data.scene' must be set"):
         UnmixStage.load_config([])
+
+
+def test_a_semi_supervised_method_sees_only_its_labelled_pixels(samson_crop, tmp_path):
+    """Changing the ground-truth abundances anywhere but at the labelled pixels changes nothing but the scores."""
+    from hsfm_train.stages.unmix import labelled_pixels, load_unmixing_scene
+
+    config = UnmixStage.load_config([f"data.scene={samson_crop}", "method=mamba-semi", "mamba.labelled=10"])
+    scene = load_unmixing_scene(config.data)
+    chosen = labelled_pixels(scene, 10, seed=0)
+    assert len(chosen.indices) == 10 and np.array_equal(chosen.abundances, scene.true_abundances[chosen.indices])
+    assert not np.array_equal(chosen.indices, labelled_pixels(scene, 10, seed=1).indices)
+    with np.load(samson_crop) as original:
+        arrays = dict(original)
+    flat = arrays["abundances"].reshape(-1, 3).copy()
+    keep = np.zeros(len(flat), bool)
+    keep[chosen.indices] = True
+    flat[~keep] = flat[~keep][:, [1, 2, 0]]
+    changed = tmp_path / "changed.npz"
+    np.savez(changed, **{**arrays, "abundances": flat.reshape(arrays["abundances"].shape)})
+    first = unmix(tmp_path / "a", "method=mamba-semi", f"data.scene={samson_crop}", "runs=1")
+    second = unmix(tmp_path / "b", "method=mamba-semi", f"data.scene={changed}", "runs=1")
+    assert first["labelled_pixels"] == 10
+    a = np.load(tmp_path / "a" / "runs" / "run_000.npz")["abundances"]
+    b = np.load(tmp_path / "b" / "runs" / "run_000.npz")["abundances"]
+    order_a, order_b = first["per_run"][0]["order"], second["per_run"][0]["order"]
+    np.testing.assert_array_equal(a[..., np.argsort(order_a)], b[..., np.argsort(order_b)])
+
+
+def test_labelled_pixels_need_ground_truth(samson_crop, tmp_path):
+    blind = tmp_path / "blind.npz"
+    with np.load(samson_crop) as scene:
+        np.savez(blind, cube=scene["cube"], wavelengths_nm=scene["wavelengths_nm"])
+    with pytest.raises(ConfigError, match="no ground-truth abundances"):
+        unmix(tmp_path / "x", "method=mamba-semi", f"data.scene={blind}", "data.num_endmembers=3")
+
+
+def test_semi_real_band_centres_come_from_a_sensor_preset(tmp_path):
+    urban = np.load(shared_file("unmixing/urban/urban_gt_end4.npz"))
+    truth = tmp_path / "urban_crop_gt.npz"
+    np.savez(truth, endmembers=urban["endmembers"], abundances=urban["abundances"][:20, :20])
+    from hsfm_train.stages.unmix import load_unmixing_scene
+
+    config = UnmixStage.load_config([f"data.scene={truth}", "data.snr_db=30",
+                                     "data.reader.sensor_preset=hydice_urban162"])
+    scene = load_unmixing_scene(config.data)
+    assert scene.wavelengths_nm.shape == (162,) and 430 < scene.wavelengths_nm[0] < 450
+    with pytest.raises(ConfigError, match="gives 224 band centres"):
+        load_unmixing_scene(UnmixStage.load_config([f"data.scene={truth}", "data.snr_db=30",
+                                                    "data.reader.sensor_preset=aviris"]).data)
+    with pytest.raises(ConfigError, match="data.reader.bands does not apply"):
+        load_unmixing_scene(UnmixStage.load_config([f"data.scene={truth}", "data.snr_db=30",
+                                                    "data.reader.bands=corrected"]).data)

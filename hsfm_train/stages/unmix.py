@@ -39,6 +39,7 @@ from hsfm_train.stages.base import Stage, register_stage
 from hsfm_train.unmixing import METHODS, LabelledPixels, UnmixingInput
 from hsfm_train.unmixing.classical import NMFConfig
 from hsfm_train.unmixing.cnnaeu import CNNAEUConfig, ContrastiveConfig
+from hsfm_train.unmixing.lsmm_head import LSMMHeadConfig
 from hsfm_train.unmixing.mamba_semi import MambaSemiConfig
 
 
@@ -65,6 +66,7 @@ class UnmixConfig:
     cnnaeu: CNNAEUConfig = field(default_factory=CNNAEUConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     mamba: MambaSemiConfig = field(default_factory=MambaSemiConfig)
+    lsmm: LSMMHeadConfig = field(default_factory=LSMMHeadConfig)
 
     def __post_init__(self) -> None:
         problems = []
@@ -72,7 +74,7 @@ class UnmixConfig:
             problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.runs < 1:
             problems.append(f"runs must be >= 1, got {self.runs}")
-        for section in (self.nmf, self.contrastive, self.mamba):
+        for section in (self.nmf, self.contrastive, self.mamba, self.lsmm):
             problems += section.problems()
         if self.data.num_endmembers is not None and self.data.num_endmembers < 2:
             problems.append(f"data.num_endmembers must be >= 2, got {self.data.num_endmembers}")

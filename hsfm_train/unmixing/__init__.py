@@ -10,8 +10,9 @@ from __future__ import annotations
 from hsfm_train.unmixing.base import LabelledPixels, UnmixingInput, UnmixingMethod
 from hsfm_train.unmixing.classical import CLASSICAL
 from hsfm_train.unmixing.cnnaeu import CNNAEU_METHODS
+from hsfm_train.unmixing.lsmm_head import LSMM_METHODS
 from hsfm_train.unmixing.mamba_semi import MAMBA_METHODS
 
-METHODS: dict[str, UnmixingMethod] = {**CLASSICAL, **CNNAEU_METHODS, **MAMBA_METHODS}
+METHODS: dict[str, UnmixingMethod] = {**CLASSICAL, **CNNAEU_METHODS, **MAMBA_METHODS, **LSMM_METHODS}
 
 __all__ = ["METHODS", "LabelledPixels", "UnmixingInput", "UnmixingMethod"]
