@@ -74,7 +74,7 @@ class UnmixConfig:
             problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.runs < 1:
             problems.append(f"runs must be >= 1, got {self.runs}")
-        for section in (self.nmf, self.contrastive, self.mamba, self.lsmm):
+        for section in (self.nmf, self.cnnaeu, self.contrastive, self.mamba, self.lsmm):
             problems += section.problems()
         if self.data.num_endmembers is not None and self.data.num_endmembers < 2:
             problems.append(f"data.num_endmembers must be >= 2, got {self.data.num_endmembers}")
