@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hsfm_train.errors import ConfigError, DataFormatError
+from hsfm_train.kernels import spectral_angle_loss
 from hsfm_train.spectra import vca
 from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod, torch_device
 
@@ -213,7 +214,7 @@ def fit_lsmm_head(inputs: UnmixingInput, seed: int, config: Any) -> tuple[np.nda
                 _, mixture = head(features_of(index))
                 target = pixels[index]
                 loss = (settings.huber_weight * F.huber_loss(mixture, target, delta=settings.huber_delta)
-                        + settings.sam_weight * _spectral_angle(mixture, target)
+                        + settings.sam_weight * spectral_angle_loss(mixture, target)
                         + settings.physics_weight * F.mse_loss((mixture - offset_t) / scale_t, spectra_n[index]))
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -225,12 +226,6 @@ def fit_lsmm_head(inputs: UnmixingInput, seed: int, config: Any) -> tuple[np.nda
         with torch.no_grad():
             abundances, _ = head(features_of(None))
     return head.endmembers.detach().cpu().numpy().astype(np.float32), abundances.cpu().numpy().astype(np.float32)
-
-
-def _spectral_angle(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean angle (radians); the cosine is clamped inside (-1, 1) so the arccos gradient stays finite."""
-    cosine = F.cosine_similarity(estimate, target, dim=-1, eps=1e-8)
-    return torch.arccos(cosine.clamp(-1 + 1e-7, 1 - 1e-7)).mean()
 
 
 LSMM_METHODS = {
