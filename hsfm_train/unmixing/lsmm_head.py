@@ -5,7 +5,7 @@
     a          = softmax(MLP_{F -> F/2 -> R}(z))           abundances: non-negative, sum to one
     x_hat      = a E,   E [R, B] >= 0                     the mixture, in the scene's own bands
 
-E starts from VCA, from uniform random reflectances (KARMA's choice), or (``endmembers=labelled``) from K labelled
+E starts from VCA or N-FINDR, from uniform random reflectances (KARMA's choice), or (``endmembers=labelled``) from K labelled
 pixels by non-negative least squares. The loss is KARMA's: Huber on the mixture (reflectance) + spectral angle +
 the physics term, the mixture's squared error in the backbone's band-normalised units (what the pretraining
 objective's physics term measures; it weights low-variance bands up). The backbone is frozen (its features are
@@ -28,10 +28,10 @@ from torch.nn import functional as F
 
 from hsfm_train.errors import ConfigError, DataFormatError
 from hsfm_train.kernels import spectral_angle_loss
-from hsfm_train.spectra import vca
+from hsfm_train.spectra import nfindr, vca
 from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod, torch_device
 
-ENDMEMBER_STARTS = ("vca", "random", "labelled")
+ENDMEMBER_STARTS = ("vca", "nfindr", "random", "labelled")
 READOUTS = ("encoder", "decoder")
 
 
@@ -42,7 +42,7 @@ class LSMMHeadConfig:
     random_model: str = "tiny"  # backbone=random without random_like: a preset of configs/model/
     readout: str = "encoder"  # "encoder" tokens, or "decoder" tokens (an export with its decoder, nothing masked)
     with_spectrum: bool = True  # append the pixel's own normalised spectrum to its backbone features
-    endmembers: str = "vca"  # the start of E: vca, random, labelled
+    endmembers: str = "vca"  # the start of E: vca, nfindr, random, labelled
     labelled: int = 0  # endmembers=labelled: K ground-truth pixels for the least-squares start
     unfreeze_blocks: int = 0  # the last N transformer blocks train with the head (0: frozen backbone)
     backbone_lr: float = 1e-5  # unfrozen blocks
@@ -101,6 +101,8 @@ def labelled_endmembers(pixels: np.ndarray, abundances: np.ndarray) -> np.ndarra
 def _start(inputs: UnmixingInput, settings: LSMMHeadConfig, seed: int) -> np.ndarray:
     if settings.endmembers == "vca":
         return vca(inputs.pixels, inputs.count, seed=seed)
+    if settings.endmembers == "nfindr":
+        return nfindr(inputs.pixels, inputs.count, seed=seed)
     if settings.endmembers == "random":
         return np.random.default_rng(seed).uniform(0.05, 0.6, (inputs.count, inputs.pixels.shape[1])).astype(
             np.float32) * float(inputs.pixels.max())
