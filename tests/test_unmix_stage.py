@@ -29,7 +29,8 @@ def samson_crop(tmp_path_factory):
 
 
 # a few seconds per method: every learned method trains briefly; lsmm-head on a random tiny backbone (no export)
-QUICK = ["nmf.iterations=50", "cnnaeu.epochs=2", "cnnaeu.patches=6", "contrastive.epochs=2", "mamba.epochs=3",
+QUICK = ["nmf.iterations=50", "cnnaeu.epochs=2", "cnnaeu.patches=6", "contrastive.epochs=2", "contrastive.patches=6",
+         "mamba.epochs=3",
          "lsmm.epochs=3", "lsmm.backbone=random", "device=cpu"]
 
 
@@ -143,3 +144,37 @@ def test_semi_real_band_centres_come_from_a_sensor_preset(tmp_path):
     with pytest.raises(ConfigError, match="data.reader.bands does not apply"):
         load_unmixing_scene(UnmixStage.load_config([f"data.scene={truth}", "data.snr_db=30",
                                                     "data.reader.bands=corrected"]).data)
+
+
+def test_finished_runs_are_kept_and_reused(samson_crop, tmp_path, monkeypatch):
+    """Each run is on disk when it ends; a rerun with the same settings only does the runs still missing, and a
+    changed setting redoes them all."""
+    import hsfm_train.stages.unmix as stage
+
+    first = unmix(tmp_path, "method=nmf", f"data.scene={samson_crop}", "runs=2")
+    assert first["complete"] and first["runs_reused"] == 0
+    calls = []
+    fit = stage.METHODS["nmf"].fit
+    monkeypatch.setitem(stage.METHODS, "nmf", stage.METHODS["nmf"].__class__(
+        lambda inputs, seed, config: calls.append(seed) or fit(inputs, seed, config)))
+    more = unmix(tmp_path, "method=nmf", f"data.scene={samson_crop}", "runs=3")
+    assert calls == [2] and more["runs_reused"] == 2 and more["runs"] == 3
+    assert more["per_run"][:2] == json.loads(json.dumps(first["per_run"]))
+    changed = unmix(tmp_path, "method=nmf", f"data.scene={samson_crop}", "runs=3", "nmf.iterations=20")
+    assert calls == [2, 0, 1, 2] and changed["runs_reused"] == 0
+
+
+def test_an_interrupted_job_leaves_a_summary_of_its_finished_runs(samson_crop, tmp_path, monkeypatch):
+    import hsfm_train.stages.unmix as stage
+
+    fit = stage.METHODS["vca-fcls"].fit
+
+    def fail_on_the_third(inputs, seed, config):
+        if seed == 2:
+            raise KeyboardInterrupt
+        return fit(inputs, seed, config)
+    monkeypatch.setitem(stage.METHODS, "vca-fcls", stage.METHODS["vca-fcls"].__class__(fail_on_the_third))
+    with pytest.raises(KeyboardInterrupt):
+        unmix(tmp_path, "method=vca-fcls", f"data.scene={samson_crop}", "runs=4")
+    partial = json.loads((tmp_path / "summary.json").read_text())
+    assert not partial["complete"] and partial["runs"] == 2 and "sad_mean" in partial

@@ -2,7 +2,7 @@
 
     python tools/unmix_table.py runs/unmix-samson-*           # one row per directory holding a summary.json
 
-Each row: scene, method (+ the overrides that differ from the defaults of its config section), runs, mean SAD
+An interrupted job's partial summary gives "N of M" runs. Each row: scene, method (+ the overrides that differ from the defaults of its config section), runs, mean SAD
 +- std (rad), abundance RMSE +- std, reconstruction RMSE, seconds per run.
 """
 from __future__ import annotations
@@ -32,13 +32,14 @@ def _differences(summary: dict) -> str:
 def row(directory: Path) -> str:
     summary = json.loads((directory / "summary.json").read_text())
     settings = _differences(summary)
+    runs = summary["runs"] if summary.get("complete", True) else f"{summary['runs']} of {summary['config']['runs']}"
     method = f"`{summary['method']}`" + (f" `{settings}`" if settings else "")
     if not summary.get("scored"):
-        return f"| {summary['scene_name']} | {method} | {summary['runs']} | (no ground truth) | | | |"
+        return f"| {summary['scene_name']} | {method} | {runs} | (no ground truth) | | | |"
     sad = f"{summary['sad_mean']:.4f} +- {summary['sad_std']:.4f}"
     rmse = (f"{summary['abundance_rmse_mean']:.4f} +- {summary['abundance_rmse_std']:.4f}"
             if "abundance_rmse_mean" in summary else "-")
-    return (f"| {summary['scene_name']} | {method} | {summary['runs']} | {sad} | {rmse} | "
+    return (f"| {summary['scene_name']} | {method} | {runs} | {sad} | {rmse} | "
             f"{summary['reconstruction_rmse_mean']:.4f} | {summary['seconds_per_run']:.2f} |")
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from hsfm_train.config import compose, free_mapping_overrides
 from hsfm_train.errors import ConfigError, DataFormatError
-from hsfm_train.io import write_atomic
+from hsfm_train.io import read_json, write_atomic, write_json_atomic
 from hsfm_train.metrics import summarise_runs, unmixing_scores
 from hsfm_train.stages.base import Stage, register_stage
 from hsfm_train.unmixing import METHODS, LabelledPixels, UnmixingInput
@@ -180,20 +180,37 @@ def _endmember_count(config: UnmixDataConfig, truth: np.ndarray | None, path: Pa
     return len(truth)
 
 
+# settings that do not change what a run computes: a finished run is reused when everything else matches
+_NOT_IN_RUN_IDENTITY = ("runs", "output_dir", "figures", "name")
+
+
+def run_identity(config: UnmixConfig) -> dict[str, Any]:
+    return {key: value for key, value in asdict(config).items() if key not in _NOT_IN_RUN_IDENTITY}
+
+
 def run_unmixing(config: UnmixConfig) -> dict[str, Any]:
+    """Every run, each written as soon as it ends (runs/run_NNN.npz + .json, then a partial summary.json), so an
+    interrupted job loses at most the run in progress: a rerun with the same settings reuses the finished runs."""
     scene = load_unmixing_scene(config.data)
     method = METHODS[config.method]
     labelled = method.labelled_pixels(config)
     output = Path(config.output_dir)
     scored = scene.true_endmembers is not None and len(scene.true_endmembers) == scene.count
-    runs, seconds = [], []
+    identity = run_identity(config)
+    runs: list[dict[str, Any]] = []
+    reused = 0
     for number in range(config.runs):
         seed = config.seed + number
+        finished = _finished_run(output, number, identity)
+        if finished is not None:
+            runs.append(finished)
+            reused += 1
+            continue
         inputs = UnmixingInput(scene.pixels, scene.shape, scene.count, scene.wavelengths_nm,
                                labelled_pixels(scene, labelled, seed) if labelled else None)
         started = time.perf_counter()
         endmembers, abundances = method.fit(inputs, seed, config)  # the ground truth stays here
-        seconds.append(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
         scores = unmixing_scores(endmembers, abundances, scene.pixels,
                                  scene.true_endmembers if scored else None,
                                  scene.true_abundances if scored else None)
@@ -202,12 +219,32 @@ def run_unmixing(config: UnmixConfig) -> dict[str, Any]:
         _write_run(output, number, endmembers, abundances.reshape(*scene.shape, -1))
         if config.figures:
             _figures(output, number, scene, endmembers, abundances, scores)
-        runs.append({"seed": seed, "seconds": seconds[-1], **scores})
-    summary = {"method": config.method, "labelled_pixels": labelled, "scene": str(config.data.scene), "scene_name": scene.name,
-               "endmembers": scene.count, "pixels": len(scene.pixels), "bands": scene.pixels.shape[1],
-               "endmember_names": scene.endmember_names, "scored": scored, **summarise_runs(runs),
-               "seconds_per_run": float(np.mean(seconds)), "per_run": runs, "config": asdict(config)}
-    return summary
+        runs.append({"seed": seed, "seconds": seconds, **scores})
+        write_json_atomic(output / "runs" / f"run_{number:03d}.json", {"identity": identity, "run": runs[-1]})
+        if number + 1 < config.runs:
+            write_json_atomic(output / "summary.json", _summary(config, scene, labelled, scored, runs, reused))
+    return _summary(config, scene, labelled, scored, runs, reused)
+
+
+def _finished_run(output: Path, number: int, identity: dict[str, Any]) -> dict[str, Any] | None:
+    record, arrays = output / "runs" / f"run_{number:03d}.json", output / "runs" / f"run_{number:03d}.npz"
+    if not (record.exists() and arrays.exists()):
+        return None
+    try:
+        saved = read_json(record)
+    except DataFormatError:
+        return None  # unreadable: the run is done again
+    return saved["run"] if saved.get("identity") == identity else None
+
+
+def _summary(config: UnmixConfig, scene: UnmixingScene, labelled: int, scored: bool, runs: list[dict[str, Any]],
+             reused: int) -> dict[str, Any]:
+    return {"method": config.method, "labelled_pixels": labelled, "scene": str(config.data.scene),
+            "scene_name": scene.name, "endmembers": scene.count, "pixels": len(scene.pixels),
+            "bands": scene.pixels.shape[1], "endmember_names": scene.endmember_names, "scored": scored,
+            "complete": len(runs) == config.runs, "runs_reused": reused, **summarise_runs(runs),
+            "seconds_per_run": float(np.mean([run["seconds"] for run in runs])), "per_run": runs,
+            "config": asdict(config)}
 
 
 def labelled_pixels(scene: UnmixingScene, count: int, seed: int) -> LabelledPixels:
