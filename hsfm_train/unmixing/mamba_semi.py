@@ -1,16 +1,39 @@
-"""Semi-supervised dual-branch spatial-spectral Mamba unmixing.
+"""Semi-supervised dual-branch spatial-spectral Mamba unmixing (``mamba-semi``).
 
-TO BE WRITTEN (helper): the fit function for ``mamba-semi``.
+Image-level: every training step sees the whole image (batch 1). The network (``models/mamba.py``) maps the cube
+to softmax abundances A [P, R]; the decoder is the linear mixing model A E with a learned E >= 0 [R, B] (clamped
+after each step), each pixel scaled by its least-squares brightness factor c_p (``mamba.brightness``): real
+scenes' illumination varies from pixel to pixel while abundances sum to one. With K = ``mamba.labelled``
+labelled pixels, E starts from the constrained least-squares fit to them, min ||Y_K - diag(c) A_K E|| over E >= 0
+and c > 0 (``mamba.scaled_start``; plain NNLS per band without c), and
+
+    loss = mean_P ||(y_p - c_p a_p E) / s||^2                (reconstruction, s = the scene's peak value)
+         + supervised_weight * mean_K sum_r |a_kr - a*_kr|    (L1 on the labelled pixels only)
+         + sparsity_weight * mean_P sum_r sqrt(a_pr + eps)    (L1/2: softmax abundances make L1 constant)
+
+K = 0 is the blind baseline: E starts from VCA and the supervised term is absent. K < R labelled pixels cannot
+determine E and are refused (a ConfigError naming the problem), as is a draw whose abundances span fewer than R
+dimensions. Adam (``lr`` for the network, ``endmember_lr`` for E, in units of s); the network's gradient norm is
+clipped.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from hsfm_train.errors import ConfigError
+from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod, torch_device
+
+SPARSITY_EPS = 1e-6
 
 
 @dataclass
 class MambaSemiConfig:
     labelled: int = 10  # K pixels with ground-truth abundances; 0 = the blind baseline
-    epochs: int = 1000  # full-image steps
+    epochs: int = 400  # full-image steps; on Samson the scores settle by 300-400
     lr: float = 0.003  # Adam
     features: int = 64  # C, the shared convolutional features and the Mamba model width
     d_state: int = 16
@@ -19,10 +42,175 @@ class MambaSemiConfig:
     pooled_size: int = 16  # S: the spatial branch scans an S x S average-pooled grid
     supervised_weight: float = 1.0
     sparsity_weight: float = 1e-4
-    endmember_lr: float = 1e-4  # the endmember matrix is refined slowly from its constrained-least-squares start
+    # E's own Adam rate, in units of the scene's peak value: on Samson 1e-4 left E at its start; 1e-3 refines it
+    endmember_lr: float = 1e-3
+    # the least-squares start gives each labelled pixel its own brightness factor (Y_k ~ c_k a_k E): real scenes'
+    # illumination varies from pixel to pixel while their ground-truth abundances sum to one
+    scaled_start: bool = True
+    # the reconstruction gives each pixel its least-squares brightness factor c_p (X_hat_p = c_p a_p E), the same
+    # scaled model: without it a pixel darker than the mixture its abundances describe cannot be reconstructed
+    brightness: bool = True
+    grad_clip: float = 1.0  # the network's gradient norm is clipped to this (0: off); a spike can kill a softmax class
 
     def problems(self) -> list[str]:
-        return [] if self.labelled >= 0 else [f"mamba.labelled must be >= 0, got {self.labelled}"]
+        problems = [] if self.labelled >= 0 else [f"mamba.labelled must be >= 0, got {self.labelled}"]
+        for name in ("epochs", "features", "d_state", "d_conv", "expand", "pooled_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"mamba.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "endmember_lr", "supervised_weight", "sparsity_weight", "grad_clip"):
+            if getattr(self, name) < 0:
+                problems.append(f"mamba.{name} must be >= 0, got {getattr(self, name)}")
+        return problems
 
-# name -> UnmixingMethod; filled in below the fit function
-MAMBA_METHODS: dict = {}
+
+def least_squares_endmembers(pixels: np.ndarray, abundances: np.ndarray, scaled: bool = False,
+                             iterations: int = 10) -> np.ndarray:
+    """E >= 0 [R, B] minimising ||pixels [K, B] - abundances [K, R] E|| (NNLS, one band at a time).
+
+    ``scaled``: each pixel has its own brightness factor as well, pixels ~ diag(c) abundances E. With w = 1 / c
+    the model diag(w) pixels = abundances E is linear in (w, E): w is the least singular vector of the map
+    w -> (I - A A^+) diag(w) pixels (exact on noiseless mixtures), E the NNLS fit given w, then ``iterations``
+    alternating refinements of c (closed form) and E on the original residual; the mean of c is held at 1.
+    Needs abundances of rank R (so at least R pixels; the factors need more than R); raises ConfigError
+    otherwise."""
+    from scipy.optimize import nnls
+
+    a = np.asarray(abundances, np.float64)
+    y = np.asarray(pixels, np.float64)
+    count = a.shape[1]
+    if len(a) < count:
+        raise ConfigError(f"mamba-semi: {len(a)} labelled pixels cannot determine {count} endmembers (the least "
+                          f"squares start of E is underdetermined); set mamba.labelled >= {count}, or 0 for the "
+                          "blind start from VCA")
+    singular = np.linalg.svd(a, compute_uv=False)
+    rank = int(np.sum(singular > 1e-6 * singular[0])) if singular[0] > 0 else 0
+    if rank < count:
+        raise ConfigError(f"mamba-semi: the abundances of the {len(a)} labelled pixels span only {rank} of "
+                          f"{count} dimensions, so they cannot determine the endmembers; label more pixels "
+                          "(mamba.labelled) or use another seed")
+
+    def solve(weights: np.ndarray) -> np.ndarray:
+        return np.stack([nnls(weights, y[:, band])[0] for band in range(y.shape[1])], axis=1)
+
+    if not scaled or len(a) == count:  # K = R: any factors fit exactly, so they are not identifiable
+        return solve(a).astype(np.float32)
+    residual = np.eye(len(a)) - a @ np.linalg.pinv(a)  # [K, K]: what no abundances @ E can explain
+    # ||(I - A A^+) diag(w) Y||^2 = w^T (residual * Y Y^T) w: the Gram matrix is [K, K], never [K*B, K]
+    w = np.linalg.eigh(residual * (y @ y.T))[1][:, 0]
+    w = w * np.sign(w.sum())
+    w = np.maximum(w, 1e-3 * np.abs(w).max())  # noise can push a factor through zero
+    factors = 1.0 / w
+    factors /= factors.mean()
+    endmembers = solve(a * factors[:, None])
+    for _ in range(iterations):
+        mixed = a @ endmembers
+        power = np.sum(mixed * mixed, axis=1)
+        factors = np.where(power > 0, np.sum(mixed * y, axis=1) / np.maximum(power, 1e-30), 1.0)
+        factors = np.maximum(factors, 1e-6)
+        factors /= factors.mean()
+        endmembers = solve(a * factors[:, None])
+    return endmembers.astype(np.float32)
+
+
+def initial_endmembers(inputs: UnmixingInput, seed: int, scaled: bool = True) -> np.ndarray:
+    """The constrained least-squares fit to the labelled pixels, or VCA without them."""
+    if inputs.labelled is not None and len(inputs.labelled.indices):
+        return least_squares_endmembers(inputs.pixels[inputs.labelled.indices], inputs.labelled.abundances, scaled)
+    from hsfm_train.spectra import vca
+
+    return vca(inputs.pixels, inputs.count, seed=seed)
+
+
+def brightness_factors(mixtures: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """[P] the least-squares c_p >= 0 minimising ||pixels_p - c_p mixtures_p||."""
+    power = mixtures.pow(2).sum(1)
+    return ((mixtures * pixels).sum(1) / power.clamp_min(1e-12)).clamp_min(0.0)
+
+
+def unmixing_loss(abundances: torch.Tensor, reconstruction: torch.Tensor, target: torch.Tensor,
+                  labelled: tuple[torch.Tensor, torch.Tensor] | None, config: MambaSemiConfig,
+                  scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """The loss terms (and their weighted ``total``) of abundances [P, R], reconstruction and target [P, B];
+    ``labelled`` = (indices [K], abundances [K, R]) or None; ``scale`` the scene's peak value (the squared error
+    is measured on the cube divided by it, so that the weights mean the same on every scene)."""
+    terms = {"reconstruction": ((reconstruction - target) / scale).pow(2).sum(1).mean(),
+             "sparsity": (abundances + SPARSITY_EPS).sqrt().sum(1).mean()}
+    total = terms["reconstruction"] + config.sparsity_weight * terms["sparsity"]
+    if labelled is not None and len(labelled[0]):
+        indices, given = labelled
+        terms["supervised"] = (abundances[indices] - given).abs().sum(1).mean()
+        total = total + config.supervised_weight * terms["supervised"]
+    terms["total"] = total
+    return terms
+
+
+class MambaUnmixing:
+    """One run's model, data and optimiser on a device; ``step()`` is one full-image training step."""
+
+    def __init__(self, inputs: UnmixingInput, seed: int, config: MambaSemiConfig, device: torch.device):
+        from hsfm_train.models.mamba import DualBranchUnmixer
+
+        self.config, self.device = config, device
+        height, width = inputs.shape
+        pixels = np.ascontiguousarray(inputs.pixels, dtype=np.float32)
+        start = initial_endmembers(inputs, seed, config.scaled_start)
+        scale = float(np.abs(pixels).max()) or 1.0
+        with torch.random.fork_rng(devices=[]):  # parameters are drawn on the CPU, then moved
+            torch.manual_seed(seed)
+            self.model = DualBranchUnmixer(pixels.shape[1], inputs.count, config.features, config.pooled_size,
+                                           config.d_state, config.d_conv, config.expand,
+                                           torch.from_numpy(start), scale).to(device)
+        self.target = torch.from_numpy(pixels).to(device)  # [P, B]
+        self.image = self.target.t().reshape(1, -1, height, width).contiguous()
+        self.scale = scale
+        self.labelled = None
+        if inputs.labelled is not None and len(inputs.labelled.indices):
+            self.labelled = (torch.as_tensor(inputs.labelled.indices, dtype=torch.long, device=device),
+                             torch.as_tensor(inputs.labelled.abundances, dtype=torch.float32, device=device))
+        self.network = [p for name, p in self.model.named_parameters() if name != "endmembers"]
+        self.optimizer = torch.optim.Adam([{"params": self.network, "lr": config.lr},
+                                           {"params": [self.model.endmembers], "lr": config.endmember_lr}])
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        abundances = self.model(self.image)
+        reconstruction = self.model.reconstruct(abundances)
+        if self.config.brightness:
+            reconstruction = reconstruction * brightness_factors(reconstruction, self.target)[:, None]
+        return unmixing_loss(abundances, reconstruction, self.target, self.labelled, self.config, self.scale)
+
+    def step(self) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.losses()
+        terms["total"].backward()
+        if self.config.grad_clip > 0:
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.network, self.config.grad_clip)
+        self.optimizer.step()
+        self.model.project_endmembers()
+        return {name: float(value.detach()) for name, value in terms.items()}
+
+    @torch.no_grad()
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        abundances = self.model(self.image)
+        return (self.model.endmember_matrix().float().cpu().numpy().astype(np.float32),
+                abundances.float().cpu().numpy().astype(np.float32))
+
+
+def fit(inputs: UnmixingInput, seed: int, config: Any,
+        callback: Callable[[int, dict[str, float], MambaUnmixing], None] | None = None
+        ) -> tuple[np.ndarray, np.ndarray]:
+    run = MambaUnmixing(inputs, seed, config.mamba, torch_device(config.device))
+    for epoch in range(config.mamba.epochs):
+        terms = run.step()
+        if callback is not None:
+            callback(epoch, terms, run)
+    return run.result()
+
+
+MAMBA_METHODS: dict[str, UnmixingMethod] = {
+    "mamba-semi": UnmixingMethod(
+        fit, labelled_pixels=lambda config: config.mamba.labelled,
+        description="dual-branch spatial-spectral Mamba, E from K labelled pixels (mamba.labelled; 0: VCA)"),
+}
+
+__all__ = ["MAMBA_METHODS", "MambaSemiConfig", "MambaUnmixing", "fit", "initial_endmembers", "least_squares_endmembers",
+           "unmixing_loss"]
