@@ -208,3 +208,97 @@ def nmf_unmix(pixels: np.ndarray, count: int, seed: int = 0, iterations: int = 5
         e *= (a.T @ y) / (a.T @ a @ e + tiny)
     a /= np.maximum(a.sum(axis=1, keepdims=True), tiny)
     return e.astype(np.float32), a.astype(np.float32)
+
+
+def labelled_endmembers(pixels: np.ndarray, abundances: np.ndarray, scaled: bool = False, iterations: int = 10,
+                        setting: str = "the number of labelled pixels") -> np.ndarray:
+    """E >= 0 [R, B] minimising ||pixels [K, B] - abundances [K, R] E|| (NNLS, one band at a time): the endmembers
+    that K pixels of known abundances imply.
+
+    ``scaled``: each pixel has its own brightness factor as well, pixels ~ diag(c) abundances E. With w = 1 / c
+    the model diag(w) pixels = abundances E is linear in (w, E): w is the least singular vector of the map
+    w -> (I - A A^+) diag(w) pixels (exact on noiseless mixtures), E the NNLS fit given w, then ``iterations``
+    alternating refinements of c (closed form) and E on the original residual; the mean of c is held at 1.
+    Needs abundances of rank R (so at least R pixels; the factors need more than R); raises ConfigError naming
+    ``setting`` otherwise."""
+    from scipy.optimize import nnls
+
+    a = np.asarray(abundances, np.float64)
+    y = np.asarray(pixels, np.float64)
+    count = a.shape[1]
+    if len(a) < count:
+        raise ConfigError(f"{len(a)} labelled pixels cannot determine {count} endmembers (the least-squares fit is "
+                          f"underdetermined); raise {setting} to at least {count}")
+    singular = np.linalg.svd(a, compute_uv=False)
+    rank = int(np.sum(singular > 1e-6 * singular[0])) if singular[0] > 0 else 0
+    if rank < count:
+        raise ConfigError(f"the abundances of the {len(a)} labelled pixels span only {rank} of {count} dimensions, so "
+                          f"they cannot determine the endmembers; raise {setting} or use another seed")
+
+    def solve(weights: np.ndarray) -> np.ndarray:
+        return np.stack([nnls(weights, y[:, band])[0] for band in range(y.shape[1])], axis=1)
+
+    if not scaled or len(a) == count:  # K = R: any factors fit exactly, so they are not identifiable
+        return solve(a).astype(np.float32)
+    residual = np.eye(len(a)) - a @ np.linalg.pinv(a)  # [K, K]: what no abundances @ E can explain
+    # ||(I - A A^+) diag(w) Y||^2 = w^T (residual * Y Y^T) w: the Gram matrix is [K, K], never [K*B, K]
+    w = np.linalg.eigh(residual * (y @ y.T))[1][:, 0]
+    w = w * np.sign(w.sum())
+    w = np.maximum(w, 1e-3 * np.abs(w).max())  # noise can push a factor through zero
+    factors = 1.0 / w
+    factors /= factors.mean()
+    endmembers = solve(a * factors[:, None])
+    for _ in range(iterations):
+        mixed = a @ endmembers
+        power = np.sum(mixed * mixed, axis=1)
+        factors = np.where(power > 0, np.sum(mixed * y, axis=1) / np.maximum(power, 1e-30), 1.0)
+        factors = np.maximum(factors, 1e-6)
+        factors /= factors.mean()
+        endmembers = solve(a * factors[:, None])
+    return endmembers.astype(np.float32)
+
+
+def _nonnegative_quadratic(start: np.ndarray, gram: np.ndarray, linear: np.ndarray, steps: int) -> np.ndarray:
+    """X >= 0 minimising 0.5 tr(X^T G X) - tr(H^T X) by accelerated projected gradient (FISTA) from ``start``:
+    every column of X is one non-negative least-squares problem, all solved at once."""
+    lipschitz = max(float(np.linalg.eigvalsh(gram).max()), 1e-30)
+    current, momentum_point, t = start, start.copy(), 1.0
+    for _ in range(steps):
+        following = np.maximum(momentum_point - (gram @ momentum_point - linear) / lipschitz, 0.0)
+        t_next = (1.0 + np.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        momentum_point = following + (t - 1.0) / t_next * (following - current)
+        current, t = following, t_next
+    return current
+
+
+def anchored_als(pixels: np.ndarray, count: int, labelled_indices: np.ndarray, labelled_abundances: np.ndarray,
+                 iterations: int = 100, inner_steps: int = 50, anchor_weight: float = 1.0,
+                 setting: str = "the number of labelled pixels") -> tuple[np.ndarray, np.ndarray]:
+    """Semi-supervised unmixing from K labelled pixels: E [R, B] starts from their scaled least-squares fit
+    (``labelled_endmembers``), then alternating non-negative least squares on every pixel,
+
+        min  ||Y - B E||^2 + anchor_weight * (P / K) * ||Y_K - diag(c_K) A*_K E||^2    over B >= 0, E >= 0,
+
+    where a pixel's row of B is its brightness times its abundances (so the per-pixel brightness is free) and
+    the labelled pixels keep their known abundances A*_K (c_K their least-squares brightness). The anchor term,
+    weighted to count as much as all pixels together at weight 1, keeps E from drifting to another
+    factorisation, as plain NMF does. Returns (E float32, abundances [P, R] = B's rows normalised to sum to one)."""
+    y = np.asarray(pixels, np.float64)
+    known = np.asarray(labelled_abundances, np.float64)
+    labelled = y[labelled_indices]
+    endmembers = labelled_endmembers(labelled, known, scaled=True, setting=setting).astype(np.float64)
+    if count != known.shape[1]:
+        raise ConfigError(f"the labelled abundances have {known.shape[1]} endmembers, not R = {count}")
+    scale = np.sqrt(anchor_weight * len(y) / len(labelled))
+    mixing = np.maximum(y @ np.linalg.pinv(endmembers), 0.0)  # [P, R]
+    for _ in range(iterations):
+        mixing = _nonnegative_quadratic(mixing.T, endmembers @ endmembers.T, endmembers @ y.T, inner_steps).T
+        mixed = known @ endmembers
+        brightness = np.maximum(np.sum(mixed * labelled, 1) / np.maximum(np.sum(mixed * mixed, 1), 1e-30), 1e-6)
+        weights = np.vstack([mixing, scale * brightness[:, None] * known])
+        targets = np.vstack([y, scale * labelled])
+        endmembers = _nonnegative_quadratic(endmembers, weights.T @ weights, weights.T @ targets, inner_steps)
+    mixing = _nonnegative_quadratic(mixing.T, endmembers @ endmembers.T, endmembers @ y.T, inner_steps).T
+    total = mixing.sum(axis=1, keepdims=True)
+    abundances = np.where(total > 0, mixing / np.maximum(total, 1e-30), 1.0 / count)
+    return endmembers.astype(np.float32), abundances.astype(np.float32)

@@ -3,7 +3,6 @@ evaluate_reconstruction (same masks, same pixels as the model; beaten by a perfe
 the eval-recon table that sets them beside the model."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 

@@ -1,5 +1,5 @@
 """`lsmm-head`: an exported backbone + the LSMM abundance head unmixes a real scene; the backbone stays frozen
-(or only its last blocks train); the labelled-pixel start is exact on noiseless mixtures; named errors."""
+(or only its last blocks train); named errors."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,6 @@ from hsfm_train.models.mae import ModelConfig, SpectralMAE
 from hsfm_train.stages.unmix import UnmixStage
 from hsfm_train.unmixing import lsmm_head
 from hsfm_train.unmixing.base import UnmixingInput
-from hsfm_train.unmixing.lsmm_head import labelled_endmembers
 from tests.conftest import shared_file
 
 MICRO = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
@@ -92,15 +91,6 @@ def test_the_backbone_matters(micro_export, samson_crop):
     assert not np.allclose(trained[1], control[1])
     again = lsmm_head.fit_lsmm_head(_inputs(samson_crop), 0, _config(micro_export, "lsmm.with_spectrum=false"))
     np.testing.assert_array_equal(trained[1], again[1])
-
-
-def test_labelled_endmembers_are_exact_on_noiseless_mixtures():
-    rng = np.random.default_rng(0)
-    endmembers = rng.uniform(0.05, 0.8, (3, 40))
-    abundances = rng.dirichlet(np.ones(3), size=10)
-    np.testing.assert_allclose(labelled_endmembers(abundances @ endmembers, abundances), endmembers, atol=1e-5)
-    with pytest.raises(ConfigError, match="2 labelled pixels cannot determine 3 endmembers"):
-        labelled_endmembers((abundances @ endmembers)[:2], abundances[:2])
 
 
 def test_a_scene_without_band_centres_is_named(micro_export, samson_crop):

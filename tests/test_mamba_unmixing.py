@@ -12,8 +12,7 @@ from hsfm_train.models.mamba import DualBranchUnmixer, MambaBlock, SpatialMamba2
 from hsfm_train.spectra import vca
 from hsfm_train.stages.unmix import UnmixConfig
 from hsfm_train.unmixing import METHODS, LabelledPixels, UnmixingInput
-from hsfm_train.unmixing.mamba_semi import (MambaSemiConfig, MambaUnmixing, brightness_factors, fit,
-                                            least_squares_endmembers, unmixing_loss)
+from hsfm_train.unmixing.mamba_semi import MambaSemiConfig, MambaUnmixing, brightness_factors, fit, unmixing_loss
 from tests.conftest import shared_file
 
 TINY = {"features": 8, "d_state": 4, "pooled_size": 4}
@@ -96,24 +95,6 @@ def test_the_network_maps_any_image_size_to_per_pixel_abundances():
         assert model.reconstruct(abundances).shape == (height * width, 12)
 
 
-def test_the_least_squares_start_recovers_the_endmembers_of_noiseless_mixtures():
-    rng = np.random.default_rng(0)
-    truth = rng.uniform(0.05, 0.9, (4, 30))
-    abundances = rng.dirichlet(np.ones(4), 10)
-    recovered = least_squares_endmembers(abundances @ truth, abundances)
-    np.testing.assert_allclose(recovered, truth, atol=1e-5)
-
-
-def test_too_few_or_degenerate_labelled_pixels_are_refused():
-    rng = np.random.default_rng(0)
-    abundances = rng.dirichlet(np.ones(3), 2)
-    with pytest.raises(ConfigError, match="2 labelled pixels cannot determine 3 endmembers"):
-        least_squares_endmembers(rng.random((2, 5)), abundances)
-    pure = np.tile([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], (3, 1))  # nothing of the third material
-    with pytest.raises(ConfigError, match="span only 2 of 3"):
-        least_squares_endmembers(rng.random((6, 5)), pure)
-
-
 def test_the_same_seed_gives_the_same_result(samson):
     inputs = crop_input(samson, size=16)
     first = fit(inputs, 3, config(epochs=3))
@@ -161,24 +142,6 @@ def test_mamba_semi_is_registered_with_its_labelled_pixel_count():
     assert method.labelled_pixels(config(labelled=7)) == 7 and method.labelled_pixels(config(labelled=0)) == 0
     with pytest.raises(ConfigError, match="mamba.labelled must be >= 0"):
         UnmixConfig(method="mamba-semi", mamba=MambaSemiConfig(labelled=-1))
-
-
-def test_the_scaled_start_recovers_endmember_shapes_under_varying_brightness():
-    rng = np.random.default_rng(1)
-    truth = rng.uniform(0.05, 0.9, (3, 20))
-    abundances = rng.dirichlet(np.ones(3), 12)
-    brightness = rng.uniform(0.3, 1.5, 12)
-    pixels = brightness[:, None] * (abundances @ truth)
-    scaled = least_squares_endmembers(pixels, abundances, scaled=True)
-    plain = least_squares_endmembers(pixels, abundances)
-
-    def worst_angle(estimate):
-        cosine = np.sum(estimate * truth, 1) / np.linalg.norm(estimate, axis=1) / np.linalg.norm(truth, axis=1)
-        return np.arccos(np.clip(cosine, -1, 1)).max()
-    assert worst_angle(scaled) < 1e-3 and worst_angle(plain) > 0.01  # float32 rounding: ~1e-4 rad
-    # on mixtures of constant brightness the scaled fit is the plain one
-    np.testing.assert_allclose(least_squares_endmembers(abundances @ truth, abundances, scaled=True), truth,
-                               atol=1e-5)
 
 
 def test_each_pixel_gets_its_least_squares_brightness():

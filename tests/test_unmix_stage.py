@@ -9,7 +9,7 @@ import pytest
 
 from hsfm_train.cli import main
 from hsfm_train.errors import ConfigError
-from hsfm_train.stages.unmix import UnmixStage
+from hsfm_train.stages.unmix import UnmixConfig, UnmixStage
 from hsfm_train.unmixing import METHODS
 from tests.conftest import shared_file
 
@@ -30,7 +30,7 @@ def samson_crop(tmp_path_factory):
 
 # a few seconds per method: every learned method trains briefly; lsmm-head on a random tiny backbone (no export)
 QUICK = ["nmf.iterations=50", "cnnaeu.epochs=2", "cnnaeu.patches=6", "contrastive.epochs=2", "contrastive.patches=6",
-         "mamba.epochs=3",
+         "mamba.epochs=3", "mamba.features=8", "mamba.d_state=4", "mamba.pooled_size=4", "als.iterations=5",
          "lsmm.epochs=3", "lsmm.backbone=random", "device=cpu"]
 
 
@@ -55,7 +55,8 @@ def test_every_method_writes_runs_figures_and_the_summary(method, samson_crop, t
             assert (tmp_path / "figures" / f"run_{number:03d}_{kind}.png").stat().st_size > 0
 
 
-BLIND = [m for m in sorted(METHODS) if m != "mamba-semi"] + ["mamba-semi mamba.labelled=0"]
+SEMI_SUPERVISED = sorted(m for m in METHODS if METHODS[m].labelled_pixels(UnmixConfig(method=m)) > 0)
+BLIND = [m for m in sorted(METHODS) if m not in SEMI_SUPERVISED] + ["mamba-semi mamba.labelled=0"]
 
 
 @pytest.mark.parametrize("method", BLIND)
@@ -95,7 +96,12 @@ def test_unknown_methods_and_missing_scenes_are_named(samson_crop):
         UnmixStage.load_config([])
 
 
-def test_a_semi_supervised_method_sees_only_its_labelled_pixels(samson_crop, tmp_path):
+def test_the_semi_supervised_methods_are_known():
+    assert SEMI_SUPERVISED == ["labelled-als", "mamba-semi"]
+
+
+@pytest.mark.parametrize("method", SEMI_SUPERVISED)
+def test_a_semi_supervised_method_sees_only_its_labelled_pixels(method, samson_crop, tmp_path):
     """Changing the ground-truth abundances anywhere but at the labelled pixels changes nothing but the scores."""
     from hsfm_train.stages.unmix import labelled_pixels, load_unmixing_scene
 
@@ -112,8 +118,8 @@ def test_a_semi_supervised_method_sees_only_its_labelled_pixels(samson_crop, tmp
     flat[~keep] = flat[~keep][:, [1, 2, 0]]
     changed = tmp_path / "changed.npz"
     np.savez(changed, **{**arrays, "abundances": flat.reshape(arrays["abundances"].shape)})
-    first = unmix(tmp_path / "a", "method=mamba-semi", f"data.scene={samson_crop}", "runs=1")
-    second = unmix(tmp_path / "b", "method=mamba-semi", f"data.scene={changed}", "runs=1")
+    first = unmix(tmp_path / "a", f"method={method}", f"data.scene={samson_crop}", "runs=1")
+    second = unmix(tmp_path / "b", f"method={method}", f"data.scene={changed}", "runs=1")
     assert first["labelled_pixels"] == 10
     a = np.load(tmp_path / "a" / "runs" / "run_000.npz")["abundances"]
     b = np.load(tmp_path / "b" / "runs" / "run_000.npz")["abundances"]

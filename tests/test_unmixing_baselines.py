@@ -1,6 +1,6 @@
 """The unmixing evaluation (SAD with Hungarian matching, abundance and reconstruction RMSE, over runs) on
 hand-built cases, and the classical baselines (VCA / N-FINDR + FCLS, NMF with sum-to-one) on noiseless mixtures of
-real USGS spectra and on Samson."""
+real USGS spectra and on Samson; the endmembers that labelled pixels imply (plain and with per-pixel brightness)."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from hsfm_train.errors import ConfigError
 from hsfm_train.metrics import match_endmembers, spectral_angle_matrix, summarise_runs, unmixing_scores
-from hsfm_train.spectra import fcls, library_endmembers, nfindr, nmf_unmix, vca
+from hsfm_train.spectra import anchored_als, fcls, labelled_endmembers, library_endmembers, nfindr, nmf_unmix, vca
 from tests.conftest import shared_file
 
 
@@ -98,3 +99,60 @@ def test_vca_fcls_on_samson_is_near_the_published_vca_figure():
     runs = [unmixing_scores(e, None, pixels, scene["endmembers"]) for e in (vca(pixels, 3, seed=s) for s in range(5))]
     summary = summarise_runs(runs)
     assert 0.05 < summary["sad_mean"] < 0.12, summary
+
+
+def test_labelled_pixels_recover_the_endmembers_of_noiseless_mixtures():
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0.05, 0.9, (4, 30))
+    abundances = rng.dirichlet(np.ones(4), 10)
+    recovered = labelled_endmembers(abundances @ truth, abundances)
+    np.testing.assert_allclose(recovered, truth, atol=1e-5)
+
+
+def test_too_few_or_degenerate_labelled_pixels_are_refused():
+    rng = np.random.default_rng(0)
+    abundances = rng.dirichlet(np.ones(3), 2)
+    with pytest.raises(ConfigError, match="2 labelled pixels cannot determine 3 endmembers"):
+        labelled_endmembers(rng.random((2, 5)), abundances)
+    pure = np.tile([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], (3, 1))  # nothing of the third material
+    with pytest.raises(ConfigError, match="span only 2 of 3"):
+        labelled_endmembers(rng.random((6, 5)), pure)
+
+
+def test_the_scaled_labelled_fit_recovers_endmember_shapes_under_varying_brightness():
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0.05, 0.9, (3, 20))
+    abundances = rng.dirichlet(np.ones(3), 12)
+    brightness = rng.uniform(0.3, 1.5, 12)
+    pixels = brightness[:, None] * (abundances @ truth)
+    scaled = labelled_endmembers(pixels, abundances, scaled=True)
+    plain = labelled_endmembers(pixels, abundances)
+
+    def worst_angle(estimate):
+        cosine = np.sum(estimate * truth, 1) / np.linalg.norm(estimate, axis=1) / np.linalg.norm(truth, axis=1)
+        return np.arccos(np.clip(cosine, -1, 1)).max()
+    assert worst_angle(scaled) < 1e-3 and worst_angle(plain) > 0.01  # float32 rounding: ~1e-4 rad
+    # on mixtures of constant brightness the scaled fit is the plain one
+    np.testing.assert_allclose(labelled_endmembers(abundances @ truth, abundances, scaled=True), truth,
+                               atol=1e-5)
+
+
+def test_anchored_als_refines_the_labelled_start_under_noise_and_brightness():
+    """Mixtures of library spectra, each pixel with its own brightness, plus noise: ten labelled pixels give a rough
+    start; the anchored alternating least squares on all pixels lands much closer to the truth, keeps the
+    abundances on the simplex, and agrees with the labelled pixels' abundances."""
+    clean, spectra, abundances = noiseless_scene(count=3, pixels=1500, seed=2)
+    rng = np.random.default_rng(0)
+    brightness = rng.uniform(0.5, 1.5, (len(clean), 1))
+    pixels = brightness * clean
+    pixels = (pixels + rng.normal(0, 0.02 * pixels.mean(), pixels.shape)).astype(np.float32)
+    chosen = np.sort(rng.choice(len(pixels), 10, replace=False))
+    start = labelled_endmembers(pixels[chosen], abundances[chosen], scaled=True)
+    endmembers, estimated = anchored_als(pixels, 3, chosen, abundances[chosen], iterations=60)
+    assert estimated.min() >= 0 and np.abs(estimated.sum(1) - 1).max() < 1e-5
+    start_sad = unmixing_scores(start, fcls(pixels, start), pixels, spectra, abundances)["sad_mean"]
+    scores = unmixing_scores(endmembers, estimated, pixels, spectra, abundances)
+    assert scores["sad_mean"] < 0.5 * start_sad and scores["sad_mean"] < 0.02, (start_sad, scores)
+    assert scores["abundance_rmse"] < 0.05
+    with pytest.raises(ConfigError, match="not R = 4"):
+        anchored_als(pixels, 4, chosen, abundances[chosen])

@@ -7,7 +7,8 @@ scene's ground truth.
 
 Methods (``hsfm_train.unmixing.METHODS``, one signature, each with its own config section): the classical
 baselines ``vca-fcls`` and ``nfindr-fcls`` (endmember extraction, then fully constrained least squares) and ``nmf``
-(non-negative factorisation with sum-to-one, started from VCA); ``cnnaeu`` and ``cnnaeu-contrastive``
+(non-negative factorisation with sum-to-one, started from VCA), ``labelled-als`` (the semi-supervised baseline:
+alternating non-negative least squares anchored by ``als.labelled`` ground-truth pixels); ``cnnaeu`` and ``cnnaeu-contrastive``
 (convolutional autoencoders); ``mamba-semi`` (dual-branch Mamba, semi-supervised from ``mamba.labelled``
 ground-truth pixels); ``lsmm-head`` (an exported backbone + KARMA's abundance head).
 
@@ -37,7 +38,7 @@ from hsfm_train.io import read_json, write_atomic, write_json_atomic
 from hsfm_train.metrics import summarise_runs, unmixing_scores
 from hsfm_train.stages.base import Stage, register_stage
 from hsfm_train.unmixing import METHODS, LabelledPixels, UnmixingInput
-from hsfm_train.unmixing.classical import NMFConfig
+from hsfm_train.unmixing.classical import LabelledALSConfig, NMFConfig
 from hsfm_train.unmixing.cnnaeu import CNNAEUConfig, ContrastiveConfig
 from hsfm_train.unmixing.lsmm_head import LSMMHeadConfig
 from hsfm_train.unmixing.mamba_semi import MambaSemiConfig
@@ -63,6 +64,7 @@ class UnmixConfig:
     figures: bool = True
     device: str = "auto"  # the learned methods: "auto" (CUDA when there is one), "cpu", "cuda", "cuda:1", ...
     nmf: NMFConfig = field(default_factory=NMFConfig)
+    als: LabelledALSConfig = field(default_factory=LabelledALSConfig)
     cnnaeu: CNNAEUConfig = field(default_factory=CNNAEUConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     mamba: MambaSemiConfig = field(default_factory=MambaSemiConfig)
@@ -74,7 +76,7 @@ class UnmixConfig:
             problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.runs < 1:
             problems.append(f"runs must be >= 1, got {self.runs}")
-        for section in (self.nmf, self.cnnaeu, self.contrastive, self.mamba, self.lsmm):
+        for section in (self.nmf, self.als, self.cnnaeu, self.contrastive, self.mamba, self.lsmm):
             problems += section.problems()
         if self.data.num_endmembers is not None and self.data.num_endmembers < 2:
             problems.append(f"data.num_endmembers must be >= 2, got {self.data.num_endmembers}")

@@ -1,6 +1,6 @@
 """Unmixing methods behind one signature (``base.py``), collected in ``METHODS`` for ``hsfm unmix``.
 
-    classical.py   vca-fcls, nfindr-fcls, nmf
+    classical.py   vca-fcls, nfindr-fcls, nmf, labelled-als
     cnnaeu.py      cnnaeu, cnnaeu-contrastive (models/unmixing_ae.py, objectives/contrastive.py)
     mamba_semi.py  mamba-semi (models/mamba.py, the selective-scan kernel)
     lsmm_head.py   lsmm-head (an exported backbone + KARMA's LSMM abundance head)

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from hsfm_train.errors import ConfigError, DataFormatError
 from hsfm_train.kernels import spectral_angle_loss
-from hsfm_train.spectra import nfindr, vca
+from hsfm_train.spectra import labelled_endmembers, nfindr, vca
 from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod, torch_device
 
 ENDMEMBER_STARTS = ("vca", "nfindr", "random", "labelled")
@@ -87,17 +87,6 @@ class AbundanceHead(nn.Module):
         return abundances, abundances @ self.endmembers
 
 
-def labelled_endmembers(pixels: np.ndarray, abundances: np.ndarray) -> np.ndarray:
-    """E >= 0 [R, B] minimising ||pixels - abundances E|| band by band (non-negative least squares)."""
-    from scipy.optimize import nnls
-
-    if len(pixels) < abundances.shape[1]:
-        raise ConfigError(f"{len(pixels)} labelled pixels cannot determine {abundances.shape[1]} endmembers; label at "
-                          "least R pixels")
-    return np.stack([nnls(abundances.astype(np.float64), band.astype(np.float64))[0]
-                     for band in pixels.T], axis=1).astype(np.float32)
-
-
 def _start(inputs: UnmixingInput, settings: LSMMHeadConfig, seed: int) -> np.ndarray:
     if settings.endmembers == "vca":
         return vca(inputs.pixels, inputs.count, seed=seed)
@@ -108,7 +97,8 @@ def _start(inputs: UnmixingInput, settings: LSMMHeadConfig, seed: int) -> np.nda
             np.float32) * float(inputs.pixels.max())
     if inputs.labelled is None:
         raise ConfigError("lsmm.endmembers=labelled, but no labelled pixels were given")
-    return labelled_endmembers(inputs.pixels[inputs.labelled.indices], inputs.labelled.abundances)
+    return labelled_endmembers(inputs.pixels[inputs.labelled.indices], inputs.labelled.abundances,
+                               setting="lsmm.labelled")
 
 
 def _backbone(settings: LSMMHeadConfig, seed: int) -> tuple[nn.Module, dict[str, Any] | None]:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from hsfm_train.errors import ConfigError
+from hsfm_train.spectra import labelled_endmembers, vca
 from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod, torch_device
 
 SPARSITY_EPS = 1e-6
@@ -63,61 +63,11 @@ class MambaSemiConfig:
         return problems
 
 
-def least_squares_endmembers(pixels: np.ndarray, abundances: np.ndarray, scaled: bool = False,
-                             iterations: int = 10) -> np.ndarray:
-    """E >= 0 [R, B] minimising ||pixels [K, B] - abundances [K, R] E|| (NNLS, one band at a time).
-
-    ``scaled``: each pixel has its own brightness factor as well, pixels ~ diag(c) abundances E. With w = 1 / c
-    the model diag(w) pixels = abundances E is linear in (w, E): w is the least singular vector of the map
-    w -> (I - A A^+) diag(w) pixels (exact on noiseless mixtures), E the NNLS fit given w, then ``iterations``
-    alternating refinements of c (closed form) and E on the original residual; the mean of c is held at 1.
-    Needs abundances of rank R (so at least R pixels; the factors need more than R); raises ConfigError
-    otherwise."""
-    from scipy.optimize import nnls
-
-    a = np.asarray(abundances, np.float64)
-    y = np.asarray(pixels, np.float64)
-    count = a.shape[1]
-    if len(a) < count:
-        raise ConfigError(f"mamba-semi: {len(a)} labelled pixels cannot determine {count} endmembers (the least "
-                          f"squares start of E is underdetermined); set mamba.labelled >= {count}, or 0 for the "
-                          "blind start from VCA")
-    singular = np.linalg.svd(a, compute_uv=False)
-    rank = int(np.sum(singular > 1e-6 * singular[0])) if singular[0] > 0 else 0
-    if rank < count:
-        raise ConfigError(f"mamba-semi: the abundances of the {len(a)} labelled pixels span only {rank} of "
-                          f"{count} dimensions, so they cannot determine the endmembers; label more pixels "
-                          "(mamba.labelled) or use another seed")
-
-    def solve(weights: np.ndarray) -> np.ndarray:
-        return np.stack([nnls(weights, y[:, band])[0] for band in range(y.shape[1])], axis=1)
-
-    if not scaled or len(a) == count:  # K = R: any factors fit exactly, so they are not identifiable
-        return solve(a).astype(np.float32)
-    residual = np.eye(len(a)) - a @ np.linalg.pinv(a)  # [K, K]: what no abundances @ E can explain
-    # ||(I - A A^+) diag(w) Y||^2 = w^T (residual * Y Y^T) w: the Gram matrix is [K, K], never [K*B, K]
-    w = np.linalg.eigh(residual * (y @ y.T))[1][:, 0]
-    w = w * np.sign(w.sum())
-    w = np.maximum(w, 1e-3 * np.abs(w).max())  # noise can push a factor through zero
-    factors = 1.0 / w
-    factors /= factors.mean()
-    endmembers = solve(a * factors[:, None])
-    for _ in range(iterations):
-        mixed = a @ endmembers
-        power = np.sum(mixed * mixed, axis=1)
-        factors = np.where(power > 0, np.sum(mixed * y, axis=1) / np.maximum(power, 1e-30), 1.0)
-        factors = np.maximum(factors, 1e-6)
-        factors /= factors.mean()
-        endmembers = solve(a * factors[:, None])
-    return endmembers.astype(np.float32)
-
-
 def initial_endmembers(inputs: UnmixingInput, seed: int, scaled: bool = True) -> np.ndarray:
     """The constrained least-squares fit to the labelled pixels, or VCA without them."""
     if inputs.labelled is not None and len(inputs.labelled.indices):
-        return least_squares_endmembers(inputs.pixels[inputs.labelled.indices], inputs.labelled.abundances, scaled)
-    from hsfm_train.spectra import vca
-
+        return labelled_endmembers(inputs.pixels[inputs.labelled.indices], inputs.labelled.abundances, scaled,
+                                   setting="mamba.labelled")
     return vca(inputs.pixels, inputs.count, seed=seed)
 
 
@@ -212,5 +162,5 @@ MAMBA_METHODS: dict[str, UnmixingMethod] = {
         description="dual-branch spatial-spectral Mamba, E from K labelled pixels (mamba.labelled; 0: VCA)"),
 }
 
-__all__ = ["MAMBA_METHODS", "MambaSemiConfig", "MambaUnmixing", "fit", "initial_endmembers", "least_squares_endmembers",
+__all__ = ["MAMBA_METHODS", "MambaSemiConfig", "MambaUnmixing", "fit", "initial_endmembers",
            "unmixing_loss"]
