@@ -149,3 +149,16 @@ def test_each_pixel_gets_its_least_squares_brightness():
     factors = torch.tensor([0.2, 0.5, 1.0, 1.7, 3.0, 0.0])
     np.testing.assert_allclose(brightness_factors(mixtures, factors[:, None] * mixtures), factors, rtol=1e-5, atol=1e-6)
     assert brightness_factors(mixtures, -mixtures).eq(0).all()  # never negative
+
+
+def test_the_als_start_is_the_labelled_als_baselines_result(samson):
+    from hsfm_train.spectra import anchored_als
+
+    inputs = crop_input(samson)
+    endmembers, _ = fit(inputs, 0, config(epochs=1, endmember_lr=0.0, start="als"))
+    expected, _ = anchored_als(inputs.pixels, 3, inputs.labelled.indices, inputs.labelled.abundances)
+    np.testing.assert_allclose(endmembers, expected, rtol=1e-5, atol=1e-6)
+    plain, _ = fit(inputs, 0, config(epochs=1, endmember_lr=0.0))
+    assert np.abs(plain - expected).max() > 1e-3
+    with pytest.raises(ConfigError, match="mamba.start must be labelled or als"):
+        config(start="vca")

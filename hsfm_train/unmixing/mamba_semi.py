@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from hsfm_train.spectra import labelled_endmembers, vca
+from hsfm_train.spectra import anchored_als, labelled_endmembers, vca
 from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod, torch_device
 
 SPARSITY_EPS = 1e-6
@@ -51,6 +51,9 @@ class MambaSemiConfig:
     # scaled model: without it a pixel darker than the mixture its abundances describe cannot be reconstructed
     brightness: bool = True
     grad_clip: float = 1.0  # the network's gradient norm is clipped to this (0: off); a spike can kill a softmax class
+    # E's start with labelled pixels: "labelled" (their least-squares fit) or "als" (that fit refined by the
+    # labelled-als baseline on all pixels, its default settings), so the network starts where the baseline ends
+    start: str = "labelled"
 
     def problems(self) -> list[str]:
         problems = [] if self.labelled >= 0 else [f"mamba.labelled must be >= 0, got {self.labelled}"]
@@ -60,11 +63,17 @@ class MambaSemiConfig:
         for name in ("lr", "endmember_lr", "supervised_weight", "sparsity_weight", "grad_clip"):
             if getattr(self, name) < 0:
                 problems.append(f"mamba.{name} must be >= 0, got {getattr(self, name)}")
+        if self.start not in ("labelled", "als"):
+            problems.append(f"mamba.start must be labelled or als, got {self.start!r}")
         return problems
 
 
-def initial_endmembers(inputs: UnmixingInput, seed: int, scaled: bool = True) -> np.ndarray:
-    """The constrained least-squares fit to the labelled pixels, or VCA without them."""
+def initial_endmembers(inputs: UnmixingInput, seed: int, scaled: bool = True, start: str = "labelled") -> np.ndarray:
+    """The constrained least-squares fit to the labelled pixels (``start="als"``: refined by the anchored ALS on
+    all pixels), or VCA without them."""
+    if inputs.labelled is not None and len(inputs.labelled.indices) and start == "als":
+        return anchored_als(inputs.pixels, inputs.count, inputs.labelled.indices, inputs.labelled.abundances,
+                            setting="mamba.labelled")[0]
     if inputs.labelled is not None and len(inputs.labelled.indices):
         return labelled_endmembers(inputs.pixels[inputs.labelled.indices], inputs.labelled.abundances, scaled,
                                    setting="mamba.labelled")
@@ -103,7 +112,7 @@ class MambaUnmixing:
         self.config, self.device = config, device
         height, width = inputs.shape
         pixels = np.ascontiguousarray(inputs.pixels, dtype=np.float32)
-        start = initial_endmembers(inputs, seed, config.scaled_start)
+        start = initial_endmembers(inputs, seed, config.scaled_start, config.start)
         scale = float(np.abs(pixels).max()) or 1.0
         with torch.random.fork_rng(devices=[]):  # parameters are drawn on the CPU, then moved
             torch.manual_seed(seed)
