@@ -276,14 +276,20 @@ def unmixing_scores(endmembers: np.ndarray, abundances: np.ndarray | None, pixel
                     true_endmembers: np.ndarray | None = None, true_abundances: np.ndarray | None = None
                     ) -> dict[str, Any]:
     """One run's scores: ``sad_per_endmember`` and ``sad_mean`` (radians, after Hungarian matching),
-    ``abundance_rmse`` (over every pixel and endmember, matched order) and ``reconstruction_rmse`` of
-    ``abundances @ endmembers`` against ``pixels``; the ground-truth scores where the truth is given."""
+    ``abundance_rmse`` (over every pixel and endmember, matched order), ``reconstruction_rmse`` of
+    ``abundances @ endmembers`` against ``pixels`` and ``reconstruction_rmse_scaled``, the same after each pixel's
+    least-squares brightness factor c_p >= 0 (the fit of the scaled mixing model y_p ~ c_p a_p E, which methods
+    with a per-pixel brightness use); the ground-truth scores where the truth is given."""
     endmembers = np.asarray(endmembers, np.float64)
     scores: dict[str, Any] = {}
     if abundances is not None:
         abundances = np.asarray(abundances, np.float64)
         reconstruction = abundances @ endmembers
-        scores["reconstruction_rmse"] = float(np.sqrt(np.mean((reconstruction - np.asarray(pixels)) ** 2)))
+        observed = np.asarray(pixels, np.float64)
+        scores["reconstruction_rmse"] = float(np.sqrt(np.mean((reconstruction - observed) ** 2)))
+        power = np.sum(reconstruction * reconstruction, axis=1, keepdims=True)
+        brightness = np.maximum(np.sum(reconstruction * observed, axis=1, keepdims=True), 0.0) / np.maximum(power, 1e-30)
+        scores["reconstruction_rmse_scaled"] = float(np.sqrt(np.mean((brightness * reconstruction - observed) ** 2)))
     if true_endmembers is not None:
         order = match_endmembers(endmembers, true_endmembers)
         angles = spectral_angle_matrix(endmembers[order], true_endmembers).diagonal()
@@ -298,7 +304,7 @@ def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and standard deviation (population, as the unmixing papers report) over runs of every scalar score,
     and the per-endmember SAD means: ``<score>_mean``, ``<score>_std``, ``sad_per_endmember``."""
     summary: dict[str, Any] = {"runs": len(runs)}
-    for key in ("sad_mean", "abundance_rmse", "reconstruction_rmse"):
+    for key in ("sad_mean", "abundance_rmse", "reconstruction_rmse", "reconstruction_rmse_scaled"):
         values = [run[key] for run in runs if key in run]
         if values:
             name = "sad" if key == "sad_mean" else key

@@ -3,6 +3,9 @@ ground truth only scores (a method's output is the same without it); semi-real s
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +188,9 @@ def test_an_interrupted_job_leaves_a_summary_of_its_finished_runs(samson_crop, t
         unmix(tmp_path, "method=vca-fcls", f"data.scene={samson_crop}", "runs=4")
     partial = json.loads((tmp_path / "summary.json").read_text())
     assert not partial["complete"] and partial["runs"] == 2 and "sad_mean" in partial
+    tool = Path(__file__).resolve().parents[1] / "tools" / "unmix_table.py"
+    table = subprocess.run([sys.executable, str(tool), str(tmp_path)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert table[2].startswith("| samson_crop | `vca-fcls` | 2 of 4 | ")
+    assert f"{partial['sad_mean']:.4f} +- {partial['sad_std']:.4f}" in table[2]
+    assert f"{partial['reconstruction_rmse_mean']:.4f} / {partial['reconstruction_rmse_scaled_mean']:.4f}" in table[2]

@@ -42,6 +42,17 @@ def test_a_permuted_and_scaled_estimate_is_matched_back_exactly():
     assert scores["abundance_rmse"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_the_scaled_reconstruction_forgives_per_pixel_brightness_only():
+    _, spectra, abundances = noiseless_scene(pixels=200)
+    brightness = np.random.default_rng(0).uniform(0.3, 2.0, (len(abundances), 1))
+    pixels = brightness * (abundances @ spectra)
+    scores = unmixing_scores(spectra, abundances, pixels)
+    assert scores["reconstruction_rmse"] > 0.05 and scores["reconstruction_rmse_scaled"] == pytest.approx(0, abs=1e-9)
+    # a wrong spectral shape is not forgiven: one endmember replaced by another's
+    wrong = unmixing_scores(spectra[[0, 0, 2, 3]], abundances, pixels)
+    assert wrong["reconstruction_rmse_scaled"] > 0.01
+
+
 def unit(degrees: list[float]) -> np.ndarray:
     return np.array([[math.cos(a), math.sin(a)] for a in np.radians(degrees)])
 

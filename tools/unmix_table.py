@@ -3,7 +3,8 @@
     python tools/unmix_table.py runs/unmix-samson-*           # one row per directory holding a summary.json
 
 An interrupted job's partial summary gives "N of M" runs. Each row: scene, method (+ the overrides that differ from the defaults of its config section), runs, mean SAD
-+- std (rad), abundance RMSE +- std, reconstruction RMSE, seconds per run.
++- std (rad), abundance RMSE +- std, reconstruction RMSE (plain / with each pixel's least-squares brightness, where
+the runs recorded it), seconds per run.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def _differences(summary: dict) -> str:
 
     defaults = asdict(UnmixConfig(method=summary["method"]))
     section = {"nmf": "nmf", "cnnaeu": "cnnaeu", "cnnaeu-contrastive": "contrastive", "mamba-semi": "mamba",
-               "lsmm-head": "lsmm"}.get(summary["method"])
+               "lsmm-head": "lsmm", "labelled-als": "als"}.get(summary["method"])
     if section is None:
         return ""
     used, base = summary["config"][section], defaults[section]
@@ -39,8 +40,11 @@ def row(directory: Path) -> str:
     sad = f"{summary['sad_mean']:.4f} +- {summary['sad_std']:.4f}"
     rmse = (f"{summary['abundance_rmse_mean']:.4f} +- {summary['abundance_rmse_std']:.4f}"
             if "abundance_rmse_mean" in summary else "-")
-    return (f"| {summary['scene_name']} | {method} | {runs} | {sad} | {rmse} | "
-            f"{summary['reconstruction_rmse_mean']:.4f} | {summary['seconds_per_run']:.2f} |")
+    reconstruction = f"{summary['reconstruction_rmse_mean']:.4f}"
+    if "reconstruction_rmse_scaled_mean" in summary:
+        reconstruction += f" / {summary['reconstruction_rmse_scaled_mean']:.4f}"
+    return (f"| {summary['scene_name']} | {method} | {runs} | {sad} | {rmse} | {reconstruction} | "
+            f"{summary['seconds_per_run']:.2f} |")
 
 
 def main(paths: list[str]) -> None:
