@@ -7,6 +7,8 @@
 #      memory (bench_pretrain.py --model large --activation-checkpointing both; batch 128 of 64x64 tiles: ~11 TFLOP
 #      and, by the saved-tensor count on CPU, at most ~12 GB of activations per step, ~6 GB of weights + AdamW)
 #   5. the probe (hsfm probe) on Indian Pines with a random-init backbone, on the GPU
+#   6. unmixing (GPU only): one run of every hsfm unmix method on Samson at a tenth of its epochs, and the Mamba
+#      model's step time and memory as the scene grows up to Urban's size (benchmarks/bench_unmix.py)
 # Steps 3 and 4 also print which SDPA backends (flash, memory-efficient, cuDNN, math) the models' attention uses.
 # Figures land in OUT (default benchmarks/gpu_out, or $OUT on the device tool's machine) as JSON and logs, to be
 # copied into docs/benchmarks.md with the device name (device.txt).
@@ -16,8 +18,9 @@
 #
 # On the device tool's machine: its python3 holds torch and triton but not every dependency. Before the call,
 # here: `bash benchmarks/gpu_wheels.sh` (wheels for the missing pure-Python packages into .whl/, git-ignored) and
-# copy the Indian Pines scene into .gpu_data/ (`mkdir -p .gpu_data && cp ../shared/data/classification/
-# indian_pines/indian_pines.npz .gpu_data/`); then run with carry [".whl", ".gpu_data"]:
+# copy the Indian Pines and Samson scenes into .gpu_data/ (`mkdir -p .gpu_data && cp ../shared/data/classification/
+# indian_pines/indian_pines.npz ../shared/data/unmixing/samson/samson.npz .gpu_data/`); then run with carry
+# [".whl", ".gpu_data"]:
 #   bash benchmarks/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +70,17 @@ if [ -n "$GPU" ]; then
   step bench_pretrain_large 120 "$PYTHON" benchmarks/bench_pretrain.py --model large --batch 128 --tile 64 \
     --sections objective --objectives mae --activation-checkpointing both --json "$OUT_DIR/bench_pretrain_large.json"
   PROBE_ARGS=(shots=[5,10] seeds=5)
+  SAMSON=""
+  for candidate in .gpu_data/samson.npz ../shared/data/unmixing/samson/samson.npz; do
+    [ -z "$SAMSON" ] && [ -f "$candidate" ] && SAMSON="$candidate"
+  done
+  if [ -n "$SAMSON" ]; then
+    step bench_unmix 150 "$PYTHON" benchmarks/bench_unmix.py --scene "$SAMSON" --sections methods,mamba-scaling \
+      --methods vca-fcls,nfindr-fcls,nmf,labelled-als,cnnaeu,cnnaeu-contrastive,mamba-semi --epochs-scale 0.1 \
+      --sizes 64,128,256,320 --steps 3 --json "$OUT_DIR/bench_unmix.json"
+  else
+    echo "== bench_unmix: skipped (no Samson scene: copy it into .gpu_data/)"
+  fi
 else
   step bench_kernels 300 "$PYTHON" benchmarks/bench_kernels.py --quick --no-compile --json "$OUT_DIR/bench_kernels.json"
   step bench_pretrain_tiny 300 "$PYTHON" benchmarks/bench_pretrain.py --quick --json "$OUT_DIR/bench_pretrain.json"

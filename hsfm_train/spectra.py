@@ -301,4 +301,7 @@ def anchored_als(pixels: np.ndarray, count: int, labelled_indices: np.ndarray, l
     mixing = _nonnegative_quadratic(mixing.T, endmembers @ endmembers.T, endmembers @ y.T, inner_steps).T
     total = mixing.sum(axis=1, keepdims=True)
     abundances = np.where(total > 0, mixing / np.maximum(total, 1e-30), 1.0 / count)
+    # B E = (B / s) (s E): only the product is determined; the scale that makes the mean brightness 1 puts E on
+    # the pixels' scale, as the labelled least squares does
+    endmembers = endmembers * max(float(total.mean()), 1e-30)
     return endmembers.astype(np.float32), abundances.astype(np.float32)
