@@ -88,6 +88,29 @@ def test_an_end_to_end_run_writes_the_summary_seed_records_and_figures(crop, tmp
             assert arrays["predicted"].shape == (20, 20)
     for name in ("confusion", "classification_map"):
         assert (out / "figures" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    assert "baseline input spectra, logistic regression: OA" in printed
+    assert set(summary["baselines"]) == {"spectra_linear", "spectra_prototypes"}
+    for entry in summary["baselines"].values():
+        assert len(entry["oa_per_seed"]) == 2 and 0.0 <= entry["oa_mean"] <= 1.0
+
+
+def test_the_spectra_baselines_score_each_seeds_own_split(crop):
+    """The nearest-class-mean baseline by hand, on seed 1's split: standardise on the support, class means,
+    nearest mean."""
+    from hsfm_train.fewshot.episodes import target_split
+
+    config = fewshot.load_fewshot_config(["backbone=random", f"data.target={crop}", *QUICK])
+    target = fewshot.read_inputs(config).target
+    found = fewshot.input_spectra_baselines(target, config)
+    split = target_split(target.labels.reshape(target.shape), config.shots, seed=1)
+    x = target.cube.reshape(-1, target.cube.shape[-1]).astype(np.float64)
+    mean, std = x[split.support].mean(0), x[split.support].std(0)
+    z = (x - mean) / np.where(std > 0, std, 1)
+    centres = np.stack([z[split.support][split.support_labels == i].mean(0) for i in range(len(target.classes))])
+    nearest = np.argmin(((z[split.query][:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
+    expected = np.mean(np.asarray(target.classes)[nearest] == target.labels[split.query])
+    assert found["spectra_prototypes"]["oa_per_seed"][1] == pytest.approx(expected)
+    assert len(found["spectra_linear"]["oa_per_seed"]) == config.seeds
 
 
 @pytest.mark.parametrize("kind", ["cp", "lora"])

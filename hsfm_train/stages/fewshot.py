@@ -794,9 +794,56 @@ def _write_map(path: Path, predicted: np.ndarray) -> None:
     write_atomic(path, write)
 
 
+def _over_seeds(entry: dict[str, Any], count: int) -> dict[str, Any]:
+    """A baseline's scores restricted to the first ``count`` seeds (those the model has finished)."""
+    restricted: dict[str, Any] = {}
+    for key in ("oa", "aa", "kappa"):
+        values = entry[f"{key}_per_seed"][:count]
+        restricted[f"{key}_mean"], restricted[f"{key}_std"] = _mean_std(values)
+        restricted[f"{key}_per_seed"] = values
+    return restricted
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     array = np.asarray(values, dtype=np.float64)
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+def input_spectra_baselines(target: Domain, config: FewshotConfig) -> dict[str, dict[str, Any]]:
+    """The trivial baselines on each seed's own split, without any network: every pixel's input spectrum (as the
+    model receives it: normalised, or its principal components with ``pca_bands``), classified by a logistic
+    regression (the probe's ``linear``: standardised on the support, C = 1) and by the nearest support-class mean
+    after the same standardisation (a prototypical classifier on spectra)."""
+    from hsfm_train.stages.probe import fit_probe
+
+    spectra = target.cube.reshape(-1, target.cube.shape[-1]).astype(np.float64)
+    classes = target.classes
+    found: dict[str, list[dict[str, Any]]] = {"spectra_linear": [], "spectra_prototypes": []}
+    for seed in range(config.seeds):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            split = target_split(target.labels.reshape(target.shape), config.shots, seed=seed)
+            linear = fit_probe("linear", spectra[split.support], target.labels[split.support])
+        truth = target.labels[split.query]
+        found["spectra_linear"].append(classification_scores(truth, linear.predict(spectra[split.query]), classes))
+        mean = spectra[split.support].mean(axis=0)
+        std = spectra[split.support].std(axis=0)
+        std = np.where(std > 0, std, 1.0)
+        support = (spectra[split.support] - mean) / std
+        centres = np.stack([support[split.support_labels == position].mean(axis=0)
+                            for position in range(len(classes))])
+        query = (spectra[split.query] - mean) / std
+        distances = (query ** 2).sum(1)[:, None] - 2 * query @ centres.T + (centres ** 2).sum(1)[None, :]
+        predicted = np.asarray(classes)[distances.argmin(axis=1)]
+        found["spectra_prototypes"].append(classification_scores(truth, predicted, classes))
+    summary: dict[str, dict[str, Any]] = {}
+    for name, scores in found.items():
+        entry: dict[str, Any] = {}
+        for key in ("oa", "aa", "kappa"):
+            entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std([score[key] for score in scores])
+            entry[f"{key}_per_seed"] = [score[key] for score in scores]
+        summary[name] = entry
+    return summary
 
 
 def fewshot_summary(config: FewshotConfig, inputs: Inputs) -> dict[str, Any]:
@@ -822,6 +869,7 @@ def fewshot_summary(config: FewshotConfig, inputs: Inputs) -> dict[str, Any]:
     say(f"fewshot: {target.name} ({len(classes)} classes, K={config.shots}, {config.seeds} seeds, {config.mode}), "
         f"adapter {config.adapter.kind}: {report['trainable']:,} trainable of {report['total']:,} parameters "
         f"({100 * report['fraction']:.2f}%: adapter {adapter_count:,} + head {head_count:,})")
+    baselines = input_spectra_baselines(target, config)
     mixup_active = bool(config.mixup_da and inputs.sources and config.pseudo_labelling)
     if config.mixup_da and not mixup_active:
         notes.append("mixup DA is on but inactive: it needs data.source and pseudo_labelling")
@@ -843,9 +891,11 @@ def fewshot_summary(config: FewshotConfig, inputs: Inputs) -> dict[str, Any]:
             f"({record['seconds']:.0f} s)")
         if seed + 1 < config.seeds:
             write_json_atomic(output / "summary.json", _summary(config, inputs, per_seed, reused, report,
-                                                                adapter_count, head_count, notes, {}, started))
+                                                                adapter_count, head_count, notes, {}, started,
+                                                                baselines))
     figures = _figures(output, target, classes, per_seed[0])
-    return _summary(config, inputs, per_seed, reused, report, adapter_count, head_count, notes, figures, started)
+    return _summary(config, inputs, per_seed, reused, report, adapter_count, head_count, notes, figures, started,
+                    baselines)
 
 
 def _figures(output: Path, target: Domain, classes: list[int], first: dict[str, Any]) -> dict[str, str]:
@@ -864,7 +914,7 @@ def _figures(output: Path, target: Domain, classes: list[int], first: dict[str, 
 
 def _summary(config: FewshotConfig, inputs: Inputs, per_seed: list[dict[str, Any]], reused: int,
              report: dict[str, float], adapter_count: int, head_count: int, notes: list[str],
-             figures: dict[str, str], started: float) -> dict[str, Any]:
+             figures: dict[str, str], started: float, baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     target = inputs.target
     classes = target.classes
     scores: dict[str, Any] = {}
@@ -896,6 +946,8 @@ def _summary(config: FewshotConfig, inputs: Inputs, per_seed: list[dict[str, Any
         "shots": config.shots, "seeds": config.seeds, "seeds_done": len(per_seed),
         "complete": len(per_seed) == config.seeds, "runs_reused": reused,
         **scores,
+        # on the seeds done so far, so that the comparison is like for like in a partial summary too
+        "baselines": {name: _over_seeds(entry, len(per_seed)) for name, entry in baselines.items()},
         "pseudo_label_accuracy_mean": float(np.mean(accuracies)) if accuracies else None,
         "seconds_per_seed": float(np.mean([r["seconds"] for r in per_seed])),
         "seconds": time.perf_counter() - started,
@@ -954,4 +1006,10 @@ def format_fewshot_summary(summary: dict[str, Any]) -> str:
            if summary.get("pseudo_label_accuracy_mean") is not None else ""),
         f"  {summary['seconds_per_seed']:.1f} s per seed; {summary['runs_reused']} seeds reused",
     ]
+    names = {"spectra_linear": "input spectra, logistic regression", "spectra_prototypes": "input spectra, nearest class mean"}
+    for name, entry in summary.get("baselines", {}).items():
+        verdict = "the model LOSES to it" if entry["oa_mean"] > summary["oa_mean"] else "the model beats it"
+        lines.append(f"  baseline {names.get(name, name)}: OA {100 * entry['oa_mean']:.1f} +- "
+                     f"{100 * entry['oa_std']:.1f} %, AA {100 * entry['aa_mean']:.1f} %, kappa {entry['kappa_mean']:.3f}"
+                     f" ({verdict})")
     return "\n".join(lines)
