@@ -5,7 +5,10 @@ errors named before anything is written. Random weights: the tests check the mac
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +95,14 @@ def test_an_end_to_end_run_writes_the_summary_seed_records_and_figures(crop, tmp
     assert set(summary["baselines"]) == {"spectra_linear", "spectra_prototypes"}
     for entry in summary["baselines"].values():
         assert len(entry["oa_per_seed"]) == 2 and 0.0 <= entry["oa_mean"] <= 1.0
+    tool = Path(__file__).resolve().parents[1] / "tools" / "fewshot_table.py"
+    table = subprocess.run([sys.executable, str(tool), str(out)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    oa = f"{100 * summary['oa_mean']:.1f} +- {100 * summary['oa_std']:.1f}"
+    linear = summary["baselines"]["spectra_linear"]
+    expected = f"| {summary['target_name']} | random init | cp | transductive | off | - | 2 | {oa}"
+    assert table[2].startswith(expected), table
+    assert f"| {100 * linear['oa_mean']:.1f} +- {100 * linear['oa_std']:.1f} |" in table[2]
 
 
 def test_the_spectra_baselines_score_each_seeds_own_split(crop):
