@@ -204,7 +204,7 @@ def measure_steps(size: int, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from hsfm_train.stages.unmix import UnmixStage
-    from hsfm_train.unmixing.base import torch_device
+    from hsfm_train.engine.run_records import torch_device
     from hsfm_train.unmixing.mamba_semi import MambaUnmixing
 
     if args.threads:
@@ -253,7 +253,7 @@ def measure_steps(size: int, args: argparse.Namespace) -> dict[str, Any]:
 def run_scaling(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     import torch
 
-    from hsfm_train.unmixing.base import torch_device
+    from hsfm_train.engine.run_records import torch_device
 
     device = torch_device(args.device)
     rows = []

@@ -150,7 +150,7 @@ def test_the_backbone_stays_frozen_and_only_the_adapter_and_head_train(kind, cro
         assert sum(p.numel() for p in embedder.parameters() if p.requires_grad) == adapter + head
         # they did train: the adapter moved away from its initialisation
         config = FewshotStage.load_config([*QUICK, f"adapter.kind={kind}", f"data.target={crop}"])
-        fresh = fewshot.build_embedder(load_pretrained(micro_export), config, result.record["seed"])
+        fresh = fewshot.new_embedder(load_pretrained(micro_export), config, result.record["seed"])
         fresh_state = fresh.backbone.state_dict()
         moved = [k for k in state if k not in exported and not torch.equal(state[k], fresh_state[k])]
         assert moved

@@ -65,13 +65,11 @@ defaults here are 100 + 100 (a CPU budget).
 """
 from __future__ import annotations
 
-import copy
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -81,18 +79,19 @@ from torch.nn import functional as F
 from hsfm_train.config import CONFIG_DIR, compose, free_mapping_overrides
 from hsfm_train.errors import ConfigError, DataFormatError, HsfmError
 from hsfm_train.fewshot.adapters import AdapterConfig, apply_adapter, parameter_report
-from hsfm_train.fewshot.episodes import EpisodeConfig, SourceEpisodes, patches_at, target_split
+from hsfm_train.fewshot.embedder import (READOUTS, WINDOW_READOUTS, Domain, EmbeddingRunner, FewshotEmbedder,
+                                         Window, build_embedder)
+from hsfm_train.fewshot.episodes import EpisodeConfig, SourceEpisodes, target_split
 from hsfm_train.fewshot.transfer import (MixupConfig, MixupSchedule, PseudoLabelConfig, confident_pseudo_labels,
                                          gaussian_wasserstein, mix, propagate_labels, prototype_logits, prototypes,
                                          smooth_labels)
-from hsfm_train.io import read_json, write_atomic, write_json_atomic
+from hsfm_train.engine.run_records import finished_run, run_arrays_path, torch_device, write_run_record
+from hsfm_train.io import jsonable, write_atomic, write_json_atomic
 from hsfm_train.metrics import classification_scores
 from hsfm_train.stages.base import Stage, register_stage, say
-from hsfm_train.stages.probe import _device, _jsonable, load_backbone, normalise_for_model
+from hsfm_train.stages.probe import load_backbone, normalise_for_model
 
 MODES = ("transductive", "inductive")
-READOUTS = ("centre", "mean")
-EMBED_BATCH = 256  # patches per forward pass when embedding without grad
 SIGMA_SAMPLE = 2000  # embeddings the median pairwise distance is taken over
 TRAJECTORY_POINTS = 10  # lambda values kept per seed
 
@@ -140,7 +139,10 @@ class FewshotConfig:
     patch_size: int = 9  # pixel-centred window, odd
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     embedding_dim: int = 64  # the trainable head's output: the prototype space
-    readout: str = "centre"  # "centre": the centre pixel's tokens over groups; "mean": every patch token
+    readout: str = "centre"  # "centre" / "mean": of the pixel's window; "tile": of the whole scene (see above)
+    tile_size: int = 256  # readout=tile: px; a larger scene is encoded in overlapping tiles of this side
+    tile_overlap: int = 64  # readout=tile: px
+    source_crop: int = 64  # readout=tile: a source episode is drawn from one random crop of this side, encoded alone
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)  # n_way is set per source (see above)
     source_episodes: int = 100  # MIFOMO: 1500
     target_episodes: int = 100
@@ -202,6 +204,10 @@ def config_problems(config: FewshotConfig) -> list[str]:
         problems.append(f"mode must be one of {list(MODES)}, got {config.mode!r}")
     if config.readout not in READOUTS:
         problems.append(f"readout must be one of {list(READOUTS)}, got {config.readout!r}")
+    if config.tile_overlap < 0 or config.tile_overlap >= config.tile_size:
+        problems.append(f"tile_overlap must be in [0, tile_size={config.tile_size}), got {config.tile_overlap}")
+    if config.source_crop < 1:
+        problems.append(f"source_crop must be >= 1 px, got {config.source_crop}")
     if config.embedding_dim < 1:
         problems.append(f"embedding_dim must be >= 1, got {config.embedding_dim}")
     for name in ("source_episodes", "target_episodes", "pseudo_label_every", "pca_bands"):
@@ -263,30 +269,10 @@ def check_fewshot_config(config: FewshotConfig) -> None:
 
 def run_identity(config: FewshotConfig) -> dict[str, Any]:
     """What a finished seed must share with the run that reuses it."""
-    return {k: v for k, v in _jsonable(asdict(config)).items() if k not in ("seeds", "output_dir", "name")}
+    return {k: v for k, v in jsonable(asdict(config)).items() if k not in ("seeds", "output_dir", "name")}
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class Domain:
-    """A scene as the model sees it."""
-    path: str
-    name: str
-    kind: str  # "target", "labelled" (a scene's labels), "semi-real" / "dominant material" (from abundances)
-    cube: np.ndarray  # [H, W, B] float32, normalised for the model
-    wavelengths: np.ndarray  # [B] float32 (nominal band centres with pca_bands)
-    labels: np.ndarray  # [H*W] int64, 0 = unlabelled
-    normalisation: str
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.cube.shape[0], self.cube.shape[1]
-
-    @property
-    def classes(self) -> list[int]:
-        return [int(c) for c in np.unique(self.labels[self.labels > 0])]
 
 
 @dataclass
@@ -408,81 +394,10 @@ def read_inputs(config: FewshotConfig) -> Inputs:
 # -------------------------------------------------------------------------------------------------- model
 
 
-class FewshotEmbedder(nn.Module):
-    """An adapted backbone + a linear head: patches [N, B, S', S'] (S' a multiple of the model's patch size)
-    -> embeddings [N, embedding_dim]."""
-
-    def __init__(self, backbone: nn.Module, embedding_dim: int, readout: str, window: int):
-        super().__init__()
-        self.backbone = backbone
-        self.readout = readout
-        self.window = window
-        p = backbone.config.patch_size
-        self.input_size = math.ceil(window / p) * p
-        extra = self.input_size - window
-        self.padding = (extra // 2, extra - extra // 2)
-        centre = self.padding[0] + window // 2
-        self.centre_token = (centre // p, centre // p)
-        self.head = nn.Linear(backbone.config.embed_dim, embedding_dim)
-
-    def features(self, patches: torch.Tensor, wavelengths: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.encode(patches, wavelengths)[:, 1:]  # [N, G*P, D], group-major, raster patches
-        grid = self.input_size // self.backbone.config.patch_size
-        tokens = tokens.reshape(tokens.shape[0], -1, grid, grid, tokens.shape[-1])  # [N, G, r, c, D]
-        if self.readout == "centre":
-            return tokens[:, :, self.centre_token[0], self.centre_token[1]].mean(dim=1)
-        return tokens.mean(dim=(1, 2, 3))
-
-    def forward(self, patches: torch.Tensor, wavelengths: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(patches, wavelengths))
-
-    def patches(self, domain: Domain, indices: np.ndarray) -> np.ndarray:
-        """[N, B, S', S'] model inputs of the pixels at flat ``indices``, float32."""
-        windows = patches_at(domain.cube, indices, self.window)  # [N, S, S, B]
-        a, b = self.padding
-        if a or b:
-            windows = np.pad(windows, ((0, 0), (a, b), (a, b), (0, 0)), mode="reflect")
-        return np.ascontiguousarray(windows.transpose(0, 3, 1, 2), dtype=np.float32)
-
-
-def build_embedder(backbone: nn.Module, config: FewshotConfig, seed: int) -> FewshotEmbedder:
+def new_embedder(backbone: nn.Module, config: FewshotConfig, seed: int) -> FewshotEmbedder:
     """A fresh copy of the frozen ``backbone`` with the adapter of ``config`` and a new head, both from ``seed``."""
-    adapted = apply_adapter(copy.deepcopy(backbone), config.adapter, seed=seed).eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        embedder = FewshotEmbedder(adapted, config.embedding_dim, config.readout, config.patch_size)
-    return embedder.eval()
-
-
-class _Runner:
-    """Moves patches to the device and embeds them."""
-
-    def __init__(self, embedder: FewshotEmbedder, device: torch.device):
-        self.embedder = embedder
-        self.device = device
-        self._wavelengths: dict[int, torch.Tensor] = {}
-
-    def wavelengths(self, domain: Domain) -> torch.Tensor:
-        key = id(domain)
-        if key not in self._wavelengths:
-            self._wavelengths[key] = torch.as_tensor(domain.wavelengths, device=self.device)
-        return self._wavelengths[key]
-
-    def inputs(self, domain: Domain, indices: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.embedder.patches(domain, indices)).to(self.device)
-
-    def embed(self, domain: Domain, indices: np.ndarray) -> torch.Tensor:
-        """With grad: one forward pass."""
-        return self.embedder(self.inputs(domain, indices), self.wavelengths(domain))
-
-    @torch.no_grad()
-    def embed_all(self, domain: Domain, indices: np.ndarray) -> torch.Tensor:
-        """Without grad, in batches: [N, E] on the device."""
-        parts = [self.embed(domain, indices[start:start + EMBED_BATCH])
-                 for start in range(0, len(indices), EMBED_BATCH)]
-        if not parts:
-            return torch.zeros(0, self.embedder.head.out_features, device=self.device)
-        return torch.cat(parts)
+    return build_embedder(backbone, config.adapter, config.embedding_dim, config.readout, config.patch_size, seed,
+                          config.tile_size, config.tile_overlap)
 
 
 # ------------------------------------------------------------------------------------------- pseudo-labels
@@ -518,7 +433,7 @@ def median_distance(embeddings: torch.Tensor, rng: np.random.Generator) -> float
     return value if value > 0 else 1.0
 
 
-def compute_pseudo_labels(runner: _Runner, target: Domain, support: np.ndarray, support_classes: np.ndarray,
+def compute_pseudo_labels(runner: EmbeddingRunner, target: Domain, support: np.ndarray, support_classes: np.ndarray,
                           pool: np.ndarray, n_classes: int, config: FewshotConfig, rng: np.random.Generator
                           ) -> PseudoLabels:
     """Label propagation from the support (class positions ``support_classes``) over the support and ``pool``
@@ -575,6 +490,44 @@ def _draw(rng: np.random.Generator, members: np.ndarray, count: int) -> np.ndarr
     return rng.choice(len(members), size=count, replace=len(members) < count)
 
 
+class SourceDraw(NamedTuple):
+    source: Domain
+    episode: Any  # an episodes.Episode, flat indices into the whole source scene
+    n_way: int
+    window: Window | None  # readout=tile: the crop the episode lies in (encoded alone)
+
+
+CROP_TRIES = 20  # random crops tried for one with n_way eligible classes before taking the best one seen
+
+
+def crop_source_episode(source: Domain, sampler: SourceEpisodes, config: FewshotConfig,
+                        rng: np.random.Generator) -> SourceDraw:
+    """A source episode inside one random ``source_crop`` x ``source_crop`` crop: the crop whose labelled pixels
+    give the most classes with n_support + n_query pixels (up to the scene sampler's n_way) of CROP_TRIES."""
+    height, width = source.shape
+    h, w = min(config.source_crop, height), min(config.source_crop, width)
+    labels = source.labels.reshape(height, width)
+    need = config.episodes.n_support + config.episodes.n_query
+    best = None
+    for _ in range(CROP_TRIES):
+        r0, c0 = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        inside = np.zeros_like(labels)
+        inside[r0:r0 + h, c0:c0 + w] = labels[r0:r0 + h, c0:c0 + w]
+        counts = np.bincount(inside.reshape(-1), minlength=1)[1:]
+        eligible = int((counts >= need).sum())
+        if best is None or eligible > best[0]:
+            best = (eligible, (r0, c0, h, w), inside.reshape(-1))
+        if eligible >= sampler.n_way:
+            break
+    eligible, window, inside = best
+    if eligible < 2:
+        return SourceDraw(source, sampler.sample(rng), sampler.n_way, None)  # no crop holds a task: whole scene
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small classes of a crop are skipped, as the scene's are
+        cropped = SourceEpisodes(inside, replace(config.episodes, n_way=min(sampler.n_way, eligible)))
+    return SourceDraw(source, cropped.sample(rng), cropped.n_way, window)
+
+
 @dataclass
 class SeedResult:
     record: dict[str, Any]
@@ -604,8 +557,8 @@ def run_seed(inputs: Inputs, config: FewshotConfig, seed: int, device: torch.dev
     pool = pseudo_label_pool(config.mode, split.query, target.labels)
     rng = np.random.default_rng([seed, config.seed])
 
-    embedder = build_embedder(inputs.backbone, config, seed).to(device)
-    runner = _Runner(embedder, device)
+    embedder = new_embedder(inputs.backbone, config, seed).to(device)
+    runner = EmbeddingRunner(embedder, device)
     optimizer = _optimizer(embedder, config)
     report = parameter_report(embedder)
     support_t = torch.as_tensor(support_classes, dtype=torch.long, device=device)
@@ -618,22 +571,24 @@ def run_seed(inputs: Inputs, config: FewshotConfig, seed: int, device: torch.dev
         sampler.config = replace(config.episodes, n_way=min(n_classes, int(sampler.classes.size)))
         samplers.append((source, sampler))
 
-    def source_episode(number: int):
+    def source_episode(number: int) -> SourceDraw:
         source, sampler = samplers[number % len(samplers)]
-        episode = sampler.sample(rng)
-        return source, episode, sampler.n_way
+        if runner.reads_tiles:
+            return crop_source_episode(source, sampler, config, rng)
+        return SourceDraw(source, sampler.sample(rng), sampler.n_way, None)
 
     losses: dict[str, list[float]] = {"source": [], "target": [], "mixup": []}
     # 1. source phase
     for number in range(config.source_episodes if samplers else 0):
-        source, episode, n_way = source_episode(number)
-        both = runner.embed(source, np.concatenate([episode.support, episode.query]))
+        source, episode, n_way, window = source_episode(number)
+        both = runner.embed(source, np.concatenate([episode.support, episode.query]), window)
         s, q = both[:len(episode.support)], both[len(episode.support):]
         logits = prototype_logits(q, prototypes(s, torch.as_tensor(episode.support_labels, device=device), n_way))
         loss = F.cross_entropy(logits, torch.as_tensor(episode.query_labels, device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        runner.forget()
         losses["source"].append(loss.item())
 
     # 2. target phase
@@ -677,6 +632,7 @@ def run_seed(inputs: Inputs, config: FewshotConfig, seed: int, device: torch.dev
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        runner.forget()
 
     # 3. evaluation: nearest support prototype
     query = split.query
@@ -717,11 +673,11 @@ def run_seed(inputs: Inputs, config: FewshotConfig, seed: int, device: torch.dev
     return SeedResult(record, predicted_map.reshape(target.shape), embedder)
 
 
-def _mixup_episode(runner: _Runner, target: Domain, drawn, support: np.ndarray, support_classes: np.ndarray,
+def _mixup_episode(runner: EmbeddingRunner, target: Domain, drawn, support: np.ndarray, support_classes: np.ndarray,
                    pseudo: PseudoLabels, n_classes: int, schedule: MixupSchedule, rng: np.random.Generator,
                    c: EpisodeConfig) -> tuple[torch.Tensor, float]:
     """The intermediate-domain episode's loss and its lambda (see the module docstring)."""
-    source, episode, n_way = drawn
+    source, episode, n_way, window = drawn
     device = runner.device
     chosen = np.arange(n_classes) if n_way >= n_classes else np.sort(rng.choice(n_classes, n_way, replace=False))
     # the target side: per chosen class, support pixels (one-hot) and pseudo-labelled pixels (smoothed)
@@ -744,10 +700,8 @@ def _mixup_episode(runner: _Runner, target: Domain, drawn, support: np.ndarray, 
     source_soft = _one_hot(torch.as_tensor(np.concatenate([episode.support_labels, episode.query_labels]),
                                            device=device), n_way)
 
-    source_inputs, target_inputs = runner.inputs(source, source_pixels), runner.inputs(target, pixels[order])
-    source_wl, target_wl = runner.wavelengths(source), runner.wavelengths(target)
-    source_emb = runner.embedder(source_inputs, source_wl)
-    target_emb = runner.embedder(target_inputs, target_wl)
+    source_emb = runner.embed(source, source_pixels, window)
+    target_emb = runner.embed(target, pixels[order])
     schedule.update(gaussian_wasserstein(source_emb, target_emb))
     lam = float(schedule.sample(rng))
     labels = mix(source_soft, target_soft, lam)[n_way * c.n_support:]
@@ -758,9 +712,11 @@ def _mixup_episode(runner: _Runner, target: Domain, drawn, support: np.ndarray, 
         return soft_cross_entropy(prototype_logits(embedded[split:], centres), labels)
 
     loss = episode_loss(mix(source_emb, target_emb, lam))
-    if source_inputs.shape == target_inputs.shape:  # one band count: mix the inputs (and band centres) too
-        mixed = runner.embedder(mix(source_inputs, target_inputs, lam), mix(source_wl, target_wl, lam))
-        loss = (loss + episode_loss(mixed)) / 2
+    if not runner.reads_tiles and source.cube.shape[2] == target.cube.shape[2]:
+        # one band count: mix the input patches (and band centres) too
+        source_wl, target_wl = runner.wavelengths(source), runner.wavelengths(target)
+        mixed_inputs = mix(runner.inputs(source, source_pixels), runner.inputs(target, pixels[order]), lam)
+        loss = (loss + episode_loss(runner.embedder(mixed_inputs, mix(source_wl, target_wl, lam)))) / 2
     return loss, lam
 
 
@@ -774,17 +730,6 @@ def _trajectory(lambdas: list[tuple[int, float, float]]) -> list[dict[str, float
 
 
 # ------------------------------------------------------------------------------------------------------ run
-
-
-def _finished_seed(output: Path, number: int, identity: dict[str, Any]) -> dict[str, Any] | None:
-    record, arrays = output / "runs" / f"run_{number:03d}.json", output / "runs" / f"run_{number:03d}.npz"
-    if not (record.exists() and arrays.exists()):
-        return None
-    try:
-        saved = read_json(record)
-    except DataFormatError:
-        return None
-    return saved.get("run") if saved.get("identity") == identity else None
 
 
 def _write_map(path: Path, predicted: np.ndarray) -> None:
@@ -849,7 +794,7 @@ def input_spectra_baselines(target: Domain, config: FewshotConfig) -> dict[str, 
 def fewshot_summary(config: FewshotConfig, inputs: Inputs) -> dict[str, Any]:
     """Every seed (finished ones reused), each written when it ends, then the figures of seed 0; the summary."""
     started = time.perf_counter()
-    device = _device(config.device)
+    device = torch_device(config.device)
     output = Path(config.output_dir)
     (output / "runs").mkdir(parents=True, exist_ok=True)
     identity = run_identity(config)
@@ -861,7 +806,7 @@ def fewshot_summary(config: FewshotConfig, inputs: Inputs) -> dict[str, Any]:
         target_split(target.labels.reshape(target.shape), config.shots, seed=0)
     notes += list(dict.fromkeys(str(w.message) for w in caught))
 
-    probe = build_embedder(inputs.backbone, config, 0)
+    probe = new_embedder(inputs.backbone, config, 0)
     report = parameter_report(probe)
     adapter_count = sum(p.numel() for p in probe.backbone.parameters() if p.requires_grad)
     head_count = sum(p.numel() for p in probe.head.parameters())
@@ -877,15 +822,15 @@ def fewshot_summary(config: FewshotConfig, inputs: Inputs) -> dict[str, Any]:
     per_seed: list[dict[str, Any]] = []
     reused = 0
     for seed in range(config.seeds):
-        finished = _finished_seed(output, seed, identity)
+        finished = finished_run(output, seed, identity)
         if finished is not None:
             per_seed.append(finished)
             reused += 1
             continue
         result = run_seed(inputs, config, seed, device)
-        record = _jsonable(result.record)
-        _write_map(output / "runs" / f"run_{seed:03d}.npz", result.predicted_map)
-        write_json_atomic(output / "runs" / f"run_{seed:03d}.json", {"identity": identity, "run": record})
+        record = jsonable(result.record)
+        _write_map(run_arrays_path(output, seed), result.predicted_map)
+        write_run_record(output, seed, identity, record)
         per_seed.append(record)
         say(f"seed {seed}: OA {100 * record['oa']:.1f}%, AA {100 * record['aa']:.1f}%, kappa {record['kappa']:.3f} "
             f"({record['seconds']:.0f} s)")
@@ -935,7 +880,7 @@ def _summary(config: FewshotConfig, inputs: Inputs, per_seed: list[dict[str, Any
         "normalisation": {"target": target.normalisation, "sources": [s.normalisation for s in inputs.sources]},
         "sources": [{"path": s.path, "name": s.name, "kind": s.kind, "classes": s.classes,
                      "shape": [*s.shape, int(s.cube.shape[2])]} for s in inputs.sources],
-        "mode": config.mode, "adapter": _jsonable(asdict(config.adapter)), "readout": config.readout,
+        "mode": config.mode, "adapter": jsonable(asdict(config.adapter)), "readout": config.readout,
         "mixup_da": bool(config.mixup_da and inputs.sources and config.pseudo_labelling),
         "pseudo_labelling": config.pseudo_labelling, "pseudo_label_updates": updates,
         "pca_bands": config.pca_bands,
@@ -955,7 +900,7 @@ def _summary(config: FewshotConfig, inputs: Inputs, per_seed: list[dict[str, Any
                      "query = every other labelled pixel, nearest support prototype; mean and sample std (ddof=1) "
                      "over seeds 0..seeds-1"),
         "per_seed": per_seed, "figures": figures, "notes": notes,
-        "output_dir": str(config.output_dir), "config": _jsonable(asdict(config)),
+        "output_dir": str(config.output_dir), "config": jsonable(asdict(config)),
     }
 
 

@@ -28,7 +28,10 @@ import numpy as np
 import torch
 
 from hsfm_train.config import CONFIG_DIR, compose, free_mapping_overrides, to_dataclass
+from hsfm_train.engine.run_records import torch_device
+from hsfm_train.fewshot.embedder import tile_offsets
 from hsfm_train.errors import ConfigError, DataFormatError
+from hsfm_train.io import jsonable
 from hsfm_train.metrics import classification_scores, effective_rank
 from hsfm_train.models.mae import ModelConfig
 from hsfm_train.stages.base import Stage, register_stage
@@ -211,14 +214,6 @@ def normalise_for_model(model: torch.nn.Module, cube: np.ndarray, wavelengths: n
 # ------------------------------------------------------------------------------------------------ features
 
 
-def _tile_offsets(size: int, tile: int, stride: int) -> list[int]:
-    """Tile starts along one axis (token units): every ``stride``, the last one flush with the border."""
-    if size <= tile:
-        return [0]
-    offsets = list(range(0, size - tile, stride))
-    return offsets + [size - tile]
-
-
 @torch.no_grad()
 def pixel_features(model: torch.nn.Module, cube_normalised: np.ndarray, wavelengths: np.ndarray,
                    with_spectrum: bool = False, tile_size: int = 256, tile_overlap: int = 64,
@@ -258,8 +253,8 @@ def _pixel_features(model, cube, wavelengths, with_spectrum, tile_size, tile_ove
     tile = max(1, tile_size // p)
     stride = max(1, tile - tile_overlap // p)
     total, count = None, torch.zeros(rows, cols, device=device)
-    for r0 in _tile_offsets(rows, tile, stride):
-        for c0 in _tile_offsets(cols, tile, stride):
+    for r0 in tile_offsets(rows, tile, stride):
+        for c0 in tile_offsets(cols, tile, stride):
             tr, tc = min(tile, rows), min(tile, cols)
             piece = hsi[..., r0 * p:(r0 + tr) * p, c0 * p:(c0 + tc) * p]
             if readout == "decoder":
@@ -382,24 +377,6 @@ def _aggregate(scores: list[dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ run
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _read_labelled_scene(config: ProbeConfig):
     from hsfm_train.data.readers import read_scene
 
@@ -478,7 +455,7 @@ def probe_summary(config: ProbeConfig) -> dict[str, Any]:
     labels = scene.labels.reshape(-1).astype(np.int64)
     classes = [int(c) for c in np.unique(labels[labels > 0])]
     height, width, bands = scene.cube.shape
-    device = _device(config.device)
+    device = torch_device(config.device)
 
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
@@ -585,7 +562,7 @@ def probe_summary(config: ProbeConfig) -> dict[str, Any]:
         "figures": figures,
         "notes": notes,
         "seconds": seconds,
-        "config": _jsonable(asdict(config)),
+        "config": jsonable(asdict(config)),
     }
     return summary
 

@@ -34,7 +34,8 @@ import numpy as np
 
 from hsfm_train.config import compose, free_mapping_overrides
 from hsfm_train.errors import ConfigError, DataFormatError
-from hsfm_train.io import read_json, write_atomic, write_json_atomic
+from hsfm_train.engine.run_records import finished_run, run_arrays_path, write_run_record
+from hsfm_train.io import write_atomic, write_json_atomic
 from hsfm_train.metrics import summarise_runs, unmixing_scores
 from hsfm_train.stages.base import Stage, register_stage
 from hsfm_train.unmixing import METHODS, LabelledPixels, UnmixingInput
@@ -203,7 +204,7 @@ def run_unmixing(config: UnmixConfig) -> dict[str, Any]:
     reused = 0
     for number in range(config.runs):
         seed = config.seed + number
-        finished = _finished_run(output, number, identity)
+        finished = finished_run(output, number, identity)
         if finished is not None:
             runs.append(finished)
             reused += 1
@@ -222,21 +223,10 @@ def run_unmixing(config: UnmixConfig) -> dict[str, Any]:
         if config.figures:
             _figures(output, number, scene, endmembers, abundances, scores)
         runs.append({"seed": seed, "seconds": seconds, **scores})
-        write_json_atomic(output / "runs" / f"run_{number:03d}.json", {"identity": identity, "run": runs[-1]})
+        write_run_record(output, number, identity, runs[-1])
         if number + 1 < config.runs:
             write_json_atomic(output / "summary.json", _summary(config, scene, labelled, scored, runs, reused))
     return _summary(config, scene, labelled, scored, runs, reused)
-
-
-def _finished_run(output: Path, number: int, identity: dict[str, Any]) -> dict[str, Any] | None:
-    record, arrays = output / "runs" / f"run_{number:03d}.json", output / "runs" / f"run_{number:03d}.npz"
-    if not (record.exists() and arrays.exists()):
-        return None
-    try:
-        saved = read_json(record)
-    except DataFormatError:
-        return None  # unreadable: the run is done again
-    return saved["run"] if saved.get("identity") == identity else None
 
 
 def _summary(config: UnmixConfig, scene: UnmixingScene, labelled: int, scored: bool, runs: list[dict[str, Any]],
@@ -262,7 +252,7 @@ def labelled_pixels(scene: UnmixingScene, count: int, seed: int) -> LabelledPixe
 
 
 def _write_run(output: Path, number: int, endmembers: np.ndarray, abundances: np.ndarray) -> None:
-    path = output / "runs" / f"run_{number:03d}.npz"
+    path = run_arrays_path(output, number)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(temporary: Path) -> None:

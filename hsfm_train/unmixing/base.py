@@ -48,13 +48,6 @@ class UnmixingMethod:
     description: str = ""
 
 
-def torch_device(name: str) -> torch.device:
-    """``auto`` is CUDA when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)

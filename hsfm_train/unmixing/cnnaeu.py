@@ -35,7 +35,8 @@ from torch.nn import functional as F
 
 from hsfm_train.models.unmixing_ae import CNNAEU, ProjectionHead
 from hsfm_train.objectives.contrastive import kernel_contrastive, nt_xent, sad_loss
-from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod, seeded_generator, torch_device
+from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod, seeded_generator
+from hsfm_train.engine.run_records import torch_device
 
 AUGMENTATIONS = ("blur", "crop", "flip", "jitter")
 CONTRASTIVE_LOSSES = ("ntxent", "kernel")

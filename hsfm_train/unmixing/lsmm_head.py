@@ -29,7 +29,8 @@ from torch.nn import functional as F
 from hsfm_train.errors import ConfigError, DataFormatError
 from hsfm_train.kernels import spectral_angle_loss
 from hsfm_train.spectra import labelled_endmembers, nfindr, vca
-from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod, torch_device
+from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod
+from hsfm_train.engine.run_records import torch_device
 
 ENDMEMBER_STARTS = ("vca", "nfindr", "random", "labelled")
 READOUTS = ("encoder", "decoder")

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from hsfm_train.spectra import anchored_als, labelled_endmembers, vca
-from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod, torch_device
+from hsfm_train.unmixing.base import UnmixingInput, UnmixingMethod
+from hsfm_train.engine.run_records import torch_device
 
 SPARSITY_EPS = 1e-6
 
