@@ -16,10 +16,15 @@ pixels per class are the support (drawn as the probe draws them, ``target_split`
 the query and is scored (OA, AA, Cohen's kappa; mean +- sample std over seeds, beside chance = 1 / classes).
 Each seed adapts a fresh copy of the frozen backbone (``adapter.kind``: cp = coalescent projection, lora, or
 linear = nothing but the head) plus a linear head [D -> embedding_dim] to the prototype space, both initialised
-from s. A pixel is the ``patch_size`` window around it (reflect padding at the scene border), reflect-padded
-again (symmetrically, the extra pixel after) up to a multiple of the model's patch size; its embedding is the
-head of the encoder readout: ``centre`` = the tokens of the patch covering the centre pixel, averaged over the
-spectral groups; ``mean`` = every patch token averaged. The backbone stays in eval() (frozen, no stochastic depth).
+from s. The readout gives a pixel its spatial context (hsfm_train/fewshot/embedder.py). ``centre`` / ``mean``: the
+pixel is the ``patch_size`` window around it (reflect padding at the scene border), reflect-padded again
+(symmetrically, the extra pixel after) up to a multiple of the model's patch size and encoded alone; its feature
+is the tokens of the patch covering the centre pixel averaged over the spectral groups (``centre``), or every
+token averaged (``mean``). ``tile``: the whole scene is encoded at once (in tiles of ``tile_size`` px overlapping
+by ``tile_overlap``, as ``hsfm probe`` reads it), with gradients, once per training step; a pixel's feature is the
+group-averaged token grid sampled bilinearly at the pixel; a source episode is drawn inside one random
+``source_crop`` px crop of its scene, encoded alone (the crop with the most classes of ``CROP_TRIES``). The
+embedding is the head of the feature. The backbone stays in eval() (frozen, no stochastic depth).
 
 1. Source phase (only with ``data.source``): ``source_episodes`` prototypical episodes (n_way = min(target classes,
    source classes with n_support + n_query pixels); n_support + n_query pixels per class), the sources in turn.
@@ -42,10 +47,11 @@ spectral groups; ``mean`` = every patch token averaged. The backbone stays in ev
    pixels of that (pseudo) class, with replacement when a class has fewer), paired position by position
    (class-major), so both sides carry the same local label. lambda comes from ``MixupSchedule`` updated with the
    2-Wasserstein distance of the episode's source and target embeddings. Mixed at the embedding level always, and
-   at the input level too when the two patch tensors have one band count (e.g. ``pca_bands``; the band centres are
-   mixed with the same lambda); labels are mixed as y = lambda y_S + (1 - lambda) y_T (y_T smoothed for pseudo-
-   labelled pixels); prototypical soft cross-entropy on the mixed episode (the mean of the two levels).
-3. Evaluation: support + every query pixel embedded (batches, no grad); nearest support prototype.
+   at the input level too when the two patch tensors have one band count (window readouts only; e.g.
+   ``pca_bands``; the band centres are mixed with the same lambda); labels are mixed as
+   y = lambda y_S + (1 - lambda) y_T (y_T smoothed for pseudo-labelled pixels); prototypical soft cross-entropy
+   on the mixed episode (the mean of the two levels).
+3. Evaluation: support + every query pixel embedded (no grad); nearest support prototype.
 
 Inputs. The target and labelled sources are read with ``read_scene(path, **reader)``; a ground-truth-only
 ``.npz`` source (``endmembers`` + ``abundances``, no cube: Urban's) becomes the unmix stage's semi-real scene
