@@ -300,6 +300,13 @@ def unmixing_scores(endmembers: np.ndarray, abundances: np.ndarray | None, pixel
     return scores
 
 
+def mean_std(values: Any, ddof: int = 0) -> tuple[float, float]:
+    """Mean and standard deviation of ``values``: ``ddof=0`` the population std, ``ddof=1`` the sample std (0.0
+    for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=ddof)) if array.size > ddof else 0.0
+
+
 def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and standard deviation (population, as the unmixing papers report) over runs of every scalar score,
     and the per-endmember SAD means: ``<score>_mean``, ``<score>_std``, ``sad_per_endmember``."""
@@ -308,7 +315,7 @@ def summarise_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         values = [run[key] for run in runs if key in run]
         if values:
             name = "sad" if key == "sad_mean" else key
-            summary[f"{name}_mean"], summary[f"{name}_std"] = float(np.mean(values)), float(np.std(values))
+            summary[f"{name}_mean"], summary[f"{name}_std"] = mean_std(values)
     per_endmember = [run["sad_per_endmember"] for run in runs if "sad_per_endmember" in run]
     if per_endmember:
         summary["sad_per_endmember"] = np.mean(per_endmember, axis=0).tolist()

@@ -112,7 +112,7 @@ def test_the_spectra_baselines_score_each_seeds_own_split(crop):
 
     config = fewshot.load_fewshot_config(["backbone=random", f"data.target={crop}", *QUICK])
     target = fewshot.read_inputs(config).target
-    found = fewshot.input_spectra_baselines(target, config)
+    found = fewshot.input_spectra_baselines(target, fewshot.draw_splits(target, config)[0])
     split = target_split(target.labels.reshape(target.shape), config.shots, seed=1)
     x = target.cube.reshape(-1, target.cube.shape[-1]).astype(np.float64)
     mean, std = x[split.support].mean(0), x[split.support].std(0)
@@ -193,7 +193,7 @@ def test_transductive_pseudo_labels_never_read_the_query_labels(crop, micro_expo
                               f"data.target={path}", "seeds=1")
         outcomes.append(([(r.indices, r.classes, r.pool) for _, r in pseudo], scores[0][0][1], summary))
     (first_pseudo, first_predicted, first), (second_pseudo, second_predicted, second) = outcomes
-    assert len(first_pseudo) == len(second_pseudo) == 2
+    assert len(first_pseudo) == len(second_pseudo) == 3  # two updates, and the final propagation
     for (a_index, a_class, a_pool), (b_index, b_class, b_pool) in zip(first_pseudo, second_pseudo):
         np.testing.assert_array_equal(a_pool, split.query)
         np.testing.assert_array_equal(a_index, b_index)
@@ -257,14 +257,39 @@ def test_the_tile_readout_runs_with_a_source_crop_and_mixes_embeddings_only(crop
     assert 0.0 <= record["oa"] <= 1.0
 
 
+def test_prediction_by_label_propagation_scores_the_propagated_query_labels(crop, micro_export, tmp_path,
+                                                                           monkeypatch):
+    pseudo = _capture(monkeypatch, "compute_pseudo_labels")
+    scores = _capture(monkeypatch, "classification_scores")
+    summary = fewshot_run(tmp_path, "backbone=random", f"random_like={micro_export}", f"data.target={crop}",
+                          "predict=propagation", "seeds=1")
+    record = summary["per_seed"][0]
+    split = fewshot.target_split(np.load(crop)["labels"], 2, seed=0)
+    (_, final) = pseudo[-1]
+    np.testing.assert_array_equal(final.pool, split.query)  # the last propagation spans every query pixel
+    classes = np.array([10, 13, 14])
+    (_, by_prototype), (arguments, by_propagation) = scores[-2:]  # after the spectra baselines'
+    propagated = arguments[1]
+    np.testing.assert_array_equal(propagated, classes[final.pool_classes])
+    assert record["oa"] == record["oa_propagation"] == pytest.approx(by_propagation["oa"])
+    assert record["oa_prototype"] == pytest.approx(by_prototype["oa"])
+    with np.load(tmp_path / "runs" / "run_000.npz") as arrays:
+        predicted = arrays["predicted"].reshape(-1)
+    np.testing.assert_array_equal(predicted[split.query], propagated)
+    np.testing.assert_array_equal(predicted[split.support], classes[split.support_labels])
+    assert summary["predict"] == "propagation" and "oa_prototype_mean" in summary
+    with pytest.raises(ConfigError, match="predict=propagation .* mode=transductive"):
+        FewshotStage.load_config([*QUICK, "predict=propagation", "mode=inductive", f"data.target={crop}"])
+
+
 def test_finished_seeds_are_reused_and_a_changed_setting_redoes_them(crop, micro_export, tmp_path, monkeypatch):
     common = ["backbone=random", f"random_like={micro_export}", f"data.target={crop}"]
     first = fewshot_run(tmp_path, *common, "seeds=1")
     assert first["complete"] and first["runs_reused"] == 0
     calls = []
     run_seed = fewshot.run_seed
-    monkeypatch.setattr(fewshot, "run_seed", lambda inputs, config, seed, device: calls.append(seed)
-                        or run_seed(inputs, config, seed, device))
+    monkeypatch.setattr(fewshot, "run_seed", lambda inputs, config, seed, device, split: calls.append(seed)
+                        or run_seed(inputs, config, seed, device, split))
     more = fewshot_run(tmp_path, *common, "seeds=2")
     assert calls == [1] and more["runs_reused"] == 1 and more["seeds"] == 2 and more["complete"]
     assert more["per_seed"][0] == first["per_seed"][0]

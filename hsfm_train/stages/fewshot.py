@@ -87,17 +87,18 @@ from hsfm_train.errors import ConfigError, DataFormatError, HsfmError
 from hsfm_train.fewshot.adapters import AdapterConfig, apply_adapter, parameter_report
 from hsfm_train.fewshot.embedder import (READOUTS, WINDOW_READOUTS, Domain, EmbeddingRunner, FewshotEmbedder,
                                          Window, build_embedder)
-from hsfm_train.fewshot.episodes import EpisodeConfig, SourceEpisodes, target_split
+from hsfm_train.fewshot.episodes import EpisodeConfig, FewShotSplit, SourceEpisodes, target_split
 from hsfm_train.fewshot.transfer import (MixupConfig, MixupSchedule, PseudoLabelConfig, confident_pseudo_labels,
                                          gaussian_wasserstein, mix, propagate_labels, prototype_logits, prototypes,
                                          smooth_labels)
 from hsfm_train.engine.run_records import finished_run, run_arrays_path, torch_device, write_run_record
 from hsfm_train.io import jsonable, write_atomic, write_json_atomic
-from hsfm_train.metrics import classification_scores
+from hsfm_train.metrics import classification_scores, mean_std
 from hsfm_train.stages.base import Stage, register_stage, say
 from hsfm_train.stages.probe import load_backbone, normalise_for_model
 
 MODES = ("transductive", "inductive")
+PREDICTORS = ("prototype", "propagation")
 SIGMA_SAMPLE = 2000  # embeddings the median pairwise distance is taken over
 TRAJECTORY_POINTS = 10  # lambda values kept per seed
 
@@ -161,6 +162,8 @@ class FewshotConfig:
     pseudo_labelling: bool = True
     pseudo_label_every: int = 25  # target episodes between pseudo-label updates; 0: once, before the first
     mode: str = "transductive"  # pseudo-label pool: "transductive" the query pixels, "inductive" label-0 pixels
+    predict: str = "prototype"  # "prototype": nearest support prototype; "propagation" (transductive): labels
+    # propagated from the support over the support + query embeddings (the pseudo-label graph, every query pixel)
     pca_bands: int = 0  # 0: the scene's bands; N > 0: its first N principal components (see the module docstring)
     device: str = "auto"  # "auto": cuda when available
     name: str = "fewshot"
@@ -208,6 +211,10 @@ def config_problems(config: FewshotConfig) -> list[str]:
         problems.append(f"patch_size must be an odd positive window (a centre pixel), got {config.patch_size}")
     if config.mode not in MODES:
         problems.append(f"mode must be one of {list(MODES)}, got {config.mode!r}")
+    if config.predict not in PREDICTORS:
+        problems.append(f"predict must be one of {list(PREDICTORS)}, got {config.predict!r}")
+    elif config.predict == "propagation" and config.mode != "transductive":
+        problems.append("predict=propagation reads the query pixels' embeddings: it needs mode=transductive")
     if config.readout not in READOUTS:
         problems.append(f"readout must be one of {list(READOUTS)}, got {config.readout!r}")
     if config.tile_overlap < 0 or config.tile_overlap >= config.tile_size:
@@ -549,15 +556,25 @@ def _optimizer(embedder: FewshotEmbedder, config: FewshotConfig) -> torch.optim.
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
-def run_seed(inputs: Inputs, config: FewshotConfig, seed: int, device: torch.device) -> SeedResult:
-    """Adapt a fresh copy of the backbone with support draw ``seed`` and score it on the query pixels."""
+def draw_splits(target: Domain, config: FewshotConfig) -> tuple[list[FewShotSplit], list[str]]:
+    """The support/query split of every seed, and the warnings of the draw (said once, by the stage)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = [target_split(target.labels.reshape(target.shape), config.shots, seed=seed)
+                  for seed in range(config.seeds)]
+    return splits, list(dict.fromkeys(str(w.message) for w in caught))
+
+
+def run_seed(inputs: Inputs, config: FewshotConfig, seed: int, device: torch.device,
+             split: FewShotSplit | None = None) -> SeedResult:
+    """Adapt a fresh copy of the backbone with support draw ``seed`` (``split``, drawn here when not given) and
+    score it on the query pixels."""
     started = time.perf_counter()
     target = inputs.target
     classes = np.asarray(target.classes)
     n_classes = len(classes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a class of fewer than 2K pixels: said once, by the stage
-        split = target_split(target.labels.reshape(target.shape), config.shots, seed=seed)
+    if split is None:
+        split = draw_splits(target, replace(config, seeds=seed + 1))[0][seed]
     # what training may see of the target: support pixels and their classes, the pool's pixel indices
     support, support_classes = split.support, split.support_labels
     pool = pseudo_label_pool(config.mode, split.query, target.labels)
@@ -640,7 +657,7 @@ def run_seed(inputs: Inputs, config: FewshotConfig, seed: int, device: torch.dev
         optimizer.step()
         runner.forget()
 
-    # 3. evaluation: nearest support prototype
+    # 3. evaluation: nearest support prototype; transductive, also label propagation over support + query
     query = split.query
     with torch.no_grad():
         centres = prototypes(runner.embed_all(target, support), support_t, n_classes)
@@ -648,11 +665,24 @@ def run_seed(inputs: Inputs, config: FewshotConfig, seed: int, device: torch.dev
         predicted_pos = prototype_logits(runner.embed_all(target, labelled), centres).argmax(dim=1).cpu().numpy()
     predicted_map = np.zeros(target.labels.size, dtype=np.int64)
     predicted_map[labelled] = classes[predicted_pos]
-    scores = classification_scores(target.labels[query], predicted_map[query], classes.tolist())
+    propagated_map = None
+    if config.mode == "transductive":
+        final = compute_pseudo_labels(runner, target, support, support_classes, query, n_classes, config, rng)
+        propagated_map = np.zeros(target.labels.size, dtype=np.int64)
+        propagated_map[support] = classes[support_classes]
+        propagated_map[query] = classes[final.pool_classes]
+    by_prototype = classification_scores(target.labels[query], predicted_map[query], classes.tolist())
+    by_propagation = None if propagated_map is None else \
+        classification_scores(target.labels[query], propagated_map[query], classes.tolist())
+    if config.predict == "propagation":
+        scores, predicted_map = by_propagation, propagated_map
+    else:
+        scores = by_prototype
 
     # reporting only, after training: how right the pseudo-labels were (pool labels known in transductive mode)
     record: dict[str, Any] = {
         "seed": seed, "oa": scores["oa"], "aa": scores["aa"], "kappa": scores["kappa"],
+        "oa_prototype": by_prototype["oa"], "oa_propagation": by_propagation["oa"] if by_propagation else None,
         "confusion": np.asarray(scores["confusion"]).tolist(), "seconds": 0.0,
         "support_pixels": int(len(support)), "query_pixels": int(len(query)),
         "trainable_parameters": int(report["trainable"]), "total_parameters": int(report["total"]),
@@ -750,17 +780,12 @@ def _over_seeds(entry: dict[str, Any], count: int) -> dict[str, Any]:
     restricted: dict[str, Any] = {}
     for key in ("oa", "aa", "kappa"):
         values = entry[f"{key}_per_seed"][:count]
-        restricted[f"{key}_mean"], restricted[f"{key}_std"] = _mean_std(values)
+        restricted[f"{key}_mean"], restricted[f"{key}_std"] = mean_std(values, ddof=1)
         restricted[f"{key}_per_seed"] = values
     return restricted
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
-
-
-def input_spectra_baselines(target: Domain, config: FewshotConfig) -> dict[str, dict[str, Any]]:
+def input_spectra_baselines(target: Domain, splits: list[FewShotSplit]) -> dict[str, dict[str, Any]]:
     """The trivial baselines on each seed's own split, without any network: every pixel's input spectrum (as the
     model receives it: normalised, or its principal components with ``pca_bands``), classified by a logistic
     regression (the probe's ``linear``: standardised on the support, C = 1) and by the nearest support-class mean
@@ -770,10 +795,9 @@ def input_spectra_baselines(target: Domain, config: FewshotConfig) -> dict[str, 
     spectra = target.cube.reshape(-1, target.cube.shape[-1]).astype(np.float64)
     classes = target.classes
     found: dict[str, list[dict[str, Any]]] = {"spectra_linear": [], "spectra_prototypes": []}
-    for seed in range(config.seeds):
+    for split in splits:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            split = target_split(target.labels.reshape(target.shape), config.shots, seed=seed)
             linear = fit_probe("linear", spectra[split.support], target.labels[split.support])
         truth = target.labels[split.query]
         found["spectra_linear"].append(classification_scores(truth, linear.predict(spectra[split.query]), classes))
@@ -791,7 +815,7 @@ def input_spectra_baselines(target: Domain, config: FewshotConfig) -> dict[str, 
     for name, scores in found.items():
         entry: dict[str, Any] = {}
         for key in ("oa", "aa", "kappa"):
-            entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std([score[key] for score in scores])
+            entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std([score[key] for score in scores], ddof=1)
             entry[f"{key}_per_seed"] = [score[key] for score in scores]
         summary[name] = entry
     return summary
@@ -807,10 +831,8 @@ def fewshot_summary(config: FewshotConfig, inputs: Inputs) -> dict[str, Any]:
     target = inputs.target
     classes = target.classes
     notes = list(inputs.notes)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        target_split(target.labels.reshape(target.shape), config.shots, seed=0)
-    notes += list(dict.fromkeys(str(w.message) for w in caught))
+    splits, warned = draw_splits(target, config)
+    notes += warned
 
     probe = new_embedder(inputs.backbone, config, 0)
     report = parameter_report(probe)
@@ -820,7 +842,7 @@ def fewshot_summary(config: FewshotConfig, inputs: Inputs) -> dict[str, Any]:
     say(f"fewshot: {target.name} ({len(classes)} classes, K={config.shots}, {config.seeds} seeds, {config.mode}), "
         f"adapter {config.adapter.kind}: {report['trainable']:,} trainable of {report['total']:,} parameters "
         f"({100 * report['fraction']:.2f}%: adapter {adapter_count:,} + head {head_count:,})")
-    baselines = input_spectra_baselines(target, config)
+    baselines = input_spectra_baselines(target, splits)
     mixup_active = bool(config.mixup_da and inputs.sources and config.pseudo_labelling)
     if config.mixup_da and not mixup_active:
         notes.append("mixup DA is on but inactive: it needs data.source and pseudo_labelling")
@@ -833,7 +855,7 @@ def fewshot_summary(config: FewshotConfig, inputs: Inputs) -> dict[str, Any]:
             per_seed.append(finished)
             reused += 1
             continue
-        result = run_seed(inputs, config, seed, device)
+        result = run_seed(inputs, config, seed, device, splits[seed])
         record = jsonable(result.record)
         _write_map(run_arrays_path(output, seed), result.predicted_map)
         write_run_record(output, seed, identity, record)
@@ -870,8 +892,12 @@ def _summary(config: FewshotConfig, inputs: Inputs, per_seed: list[dict[str, Any
     classes = target.classes
     scores: dict[str, Any] = {}
     for key in ("oa", "aa", "kappa"):
-        scores[f"{key}_mean"], scores[f"{key}_std"] = _mean_std([record[key] for record in per_seed])
+        scores[f"{key}_mean"], scores[f"{key}_std"] = mean_std([record[key] for record in per_seed], ddof=1)
         scores[f"{key}_per_seed"] = [record[key] for record in per_seed]
+    for key in ("oa_prototype", "oa_propagation"):
+        values = [record[key] for record in per_seed if record.get(key) is not None]
+        if len(values) == len(per_seed):
+            scores[f"{key}_mean"], scores[f"{key}_std"] = mean_std(values, ddof=1)
     accuracies = [r["pseudo_label_accuracy"] for r in per_seed if r.get("pseudo_label_accuracy") is not None]
     updates = ("off" if not config.pseudo_labelling else
                f"every {config.pseudo_label_every} target episodes" if config.pseudo_label_every else
@@ -886,7 +912,8 @@ def _summary(config: FewshotConfig, inputs: Inputs, per_seed: list[dict[str, Any
         "normalisation": {"target": target.normalisation, "sources": [s.normalisation for s in inputs.sources]},
         "sources": [{"path": s.path, "name": s.name, "kind": s.kind, "classes": s.classes,
                      "shape": [*s.shape, int(s.cube.shape[2])]} for s in inputs.sources],
-        "mode": config.mode, "adapter": jsonable(asdict(config.adapter)), "readout": config.readout,
+        "mode": config.mode, "predict": config.predict, "adapter": jsonable(asdict(config.adapter)),
+        "readout": config.readout,
         "mixup_da": bool(config.mixup_da and inputs.sources and config.pseudo_labelling),
         "pseudo_labelling": config.pseudo_labelling, "pseudo_label_updates": updates,
         "pca_bands": config.pca_bands,
@@ -903,8 +930,10 @@ def _summary(config: FewshotConfig, inputs: Inputs, per_seed: list[dict[str, Any
         "seconds_per_seed": float(np.mean([r["seconds"] for r in per_seed])),
         "seconds": time.perf_counter() - started,
         "protocol": ("K labelled target pixels per class per seed (max(1, n//2) for classes of fewer than 2K), "
-                     "query = every other labelled pixel, nearest support prototype; mean and sample std (ddof=1) "
-                     "over seeds 0..seeds-1"),
+                     "query = every other labelled pixel, predicted by " + (
+                         "nearest support prototype" if config.predict == "prototype" else
+                         "label propagation from the support over support + query") +
+                     "; mean and sample std (ddof=1) over seeds 0..seeds-1"),
         "per_seed": per_seed, "figures": figures, "notes": notes,
         "output_dir": str(config.output_dir), "config": jsonable(asdict(config)),
     }
@@ -957,6 +986,10 @@ def format_fewshot_summary(summary: dict[str, Any]) -> str:
            if summary.get("pseudo_label_accuracy_mean") is not None else ""),
         f"  {summary['seconds_per_seed']:.1f} s per seed; {summary['runs_reused']} seeds reused",
     ]
+    if "oa_propagation_mean" in summary:
+        lines.insert(3, f"  predicted by {summary['config']['predict']}; OA by nearest prototype "
+                        f"{100 * summary['oa_prototype_mean']:.1f} %, by label propagation over the query "
+                        f"{100 * summary['oa_propagation_mean']:.1f} %")
     names = {"spectra_linear": "input spectra, logistic regression", "spectra_prototypes": "input spectra, nearest class mean"}
     for name, entry in summary.get("baselines", {}).items():
         verdict = "the model LOSES to it" if entry["oa_mean"] > summary["oa_mean"] else "the model beats it"
