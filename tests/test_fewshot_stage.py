@@ -282,6 +282,27 @@ def test_prediction_by_label_propagation_scores_the_propagated_query_labels(crop
         FewshotStage.load_config([*QUICK, "predict=propagation", "mode=inductive", f"data.target={crop}"])
 
 
+def test_synthetic_usgs_sources_are_labelled_by_their_dominant_material(crop, micro_export, tmp_path):
+    from hsfm_train.data.synthetic import generate_scenes
+
+    settings = ["data.synthetic_sources.count=2", "data.synthetic_sources.height=16",
+                "data.synthetic_sources.width=16", "data.synthetic_sources.num_endmembers=3"]
+    config = FewshotStage.load_config([*QUICK, f"backbone={micro_export}", f"data.target={crop}", *settings])
+    inputs = fewshot.read_inputs(config)
+    expected = list(generate_scenes(config.data.synthetic_sources.scene_config(), 2, 0))
+    assert [s.name for s in inputs.sources] == [scene.name for scene in expected]
+    for domain, scene in zip(inputs.sources, expected):
+        assert domain.kind.startswith("synthetic USGS") and domain.shape == (16, 16)
+        np.testing.assert_array_equal(domain.labels, scene.abundances.reshape(-1, 3).argmax(axis=1) + 1)
+        np.testing.assert_allclose(domain.wavelengths, scene.wavelengths_nm)
+    summary = fewshot_run(tmp_path, f"backbone={micro_export}", f"data.target={crop}", *settings, "seeds=1")
+    assert summary["mixup_da"] and len(summary["sources"]) == 2
+    assert summary["per_seed"][0]["loss"]["source"]["episodes"] == 3
+    with pytest.raises(ConfigError, match="synthetic_sources"):
+        FewshotStage.load_config([*QUICK, f"data.target={crop}", "data.synthetic_sources.count=1",
+                                  "data.synthetic_sources.grid=nowhere"])
+
+
 def test_finished_seeds_are_reused_and_a_changed_setting_redoes_them(crop, micro_export, tmp_path, monkeypatch):
     common = ["backbone=random", f"random_like={micro_export}", f"data.target={crop}"]
     first = fewshot_run(tmp_path, *common, "seeds=1")

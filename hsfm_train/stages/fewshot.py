@@ -104,12 +104,44 @@ TRAJECTORY_POINTS = 10  # lambda values kept per seed
 
 
 @dataclass
+class SyntheticSourceConfig:
+    """Source scenes made at the start from the packaged USGS library (linear mixing, ``hsfm_train.data.synthetic``)
+    and labelled by their dominant material; small ``temperature`` gives nearly pure patches."""
+    count: int = 0  # 0: none
+    height: int = 96
+    width: int = 96
+    num_endmembers: int = 8  # the classes
+    temperature: float = 0.1
+    smoothness: float = 6.0  # px, the abundance fields' length scale
+    snr_db: float = 30.0
+    grid: str = "aviris224"  # a synthetic sensor grid or a sensor preset name
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        if self.count < 0:
+            return [f"data.synthetic_sources.count must be >= 0, got {self.count}"]
+        try:
+            self.scene_config()
+        except HsfmError as error:
+            return [f"data.synthetic_sources: {error}"]
+        return []
+
+    def scene_config(self):
+        from hsfm_train.data.synthetic import SyntheticSceneConfig
+
+        return SyntheticSceneConfig(height=self.height, width=self.width, num_endmembers=self.num_endmembers,
+                                    snr_db=self.snr_db, smoothness=self.smoothness, temperature=self.temperature,
+                                    target_wavelengths_nm=self.grid, name_prefix="usgs_synthetic")
+
+
+@dataclass
 class FewshotDataConfig:
     target: str = ""  # required: a scene file with labels (0 = unlabelled) and wavelengths
     target_reader: dict[str, Any] = field(default_factory=dict)  # read_scene options
     source: list[str] = field(default_factory=list)  # labelled scene files or ground-truth-only .npz files
     source_reader: dict[str, Any] = field(default_factory=dict)  # read_scene options, applied to every source
     source_snr_db: float = 30.0  # a ground-truth-only source: SNR of the semi-real cube built from it
+    synthetic_sources: SyntheticSourceConfig = field(default_factory=SyntheticSourceConfig)
 
 
 @dataclass
@@ -202,7 +234,7 @@ def config_problems(config: FewshotConfig) -> list[str]:
     """Every impossible setting (nothing is read)."""
     problems = []
     problems += config.adapter.problems() + config.episodes.problems() + config.mixup.problems()
-    problems += config.pseudo_labels.problems()
+    problems += config.pseudo_labels.problems() + config.data.synthetic_sources.problems()
     if config.shots < 1:
         problems.append(f"shots must be >= 1 labelled pixels per class, got {config.shots}")
     if config.seeds < 1:
@@ -385,6 +417,14 @@ def read_inputs(config: FewshotConfig) -> Inputs:
             scenes.append((role, path, name, cube, wavelengths, labels, how))
         if problems:
             raise ConfigError("fewshot inputs: " + "; ".join(problems))
+        synthetic = config.data.synthetic_sources
+        if synthetic.count:
+            from hsfm_train.data.synthetic import generate_scenes
+
+            for scene in generate_scenes(synthetic.scene_config(), synthetic.count, synthetic.seed):
+                labels = scene.abundances.argmax(axis=-1).reshape(-1).astype(np.int64) + 1
+                scenes.append(("source", "synthetic", scene.name, scene.cube, scene.wavelengths_nm, labels,
+                               "synthetic USGS (labels: dominant material)"))
         domains = []
         for role, path, name, cube, wavelengths, labels, how in scenes:
             wavelengths = np.asarray(wavelengths, dtype=np.float32).reshape(-1)
