@@ -224,7 +224,7 @@ def test_a_ground_truth_only_source_runs_with_mixup_and_records_lambda(crop, urb
     mix = fewshot.mix
     monkeypatch.setattr(fewshot, "mix", lambda a, b, lam: mixed_inputs.append(a.dim()) or mix(a, b, lam))
     summary = fewshot_run(tmp_path, f"backbone={micro_export}", f"data.target={crop}", f"data.source=[{urban_crop}]",
-                          "data.source_reader.sensor_preset=hydice_urban162", "pca_bands=6", "seeds=1")
+                          "data.source_reader.sensor_preset=hydice_urban162", "pca_bands=6", "readout=centre", "seeds=1")
     assert summary["mixup_da"] and summary["pca_bands"] == 6
     (source,) = summary["sources"]
     assert source["kind"].startswith("semi-real") and source["classes"] == [1, 2, 3, 4]

@@ -51,7 +51,10 @@ embedding is the head of the feature. The backbone stays in eval() (frozen, no s
    ``pca_bands``; the band centres are mixed with the same lambda); labels are mixed as
    y = lambda y_S + (1 - lambda) y_T (y_T smoothed for pseudo-labelled pixels); prototypical soft cross-entropy
    on the mixed episode (the mean of the two levels).
-3. Evaluation: support + every query pixel embedded (no grad); nearest support prototype.
+3. Evaluation: support + every query pixel embedded (no grad), then ``predict``: the nearest support prototype,
+   or (transductive) labels propagated from the support over the support + query embeddings, as the pseudo-labels
+   are (``auto``, the default: propagation when transductive, prototype when inductive). Both are recorded in
+   transductive mode (``oa_prototype``, ``oa_propagation``).
 
 Inputs. The target and labelled sources are read with ``read_scene(path, **reader)``; a ground-truth-only
 ``.npz`` source (``endmembers`` + ``abundances``, no cube: Urban's) becomes the unmix stage's semi-real scene
@@ -66,8 +69,10 @@ normalised with the scene's own statistics, and input-level mixup becomes possib
 Randomness: the split uses default_rng(s), episodes default_rng([s, seed]), adapter and head torch seeds s.
 Resume: a seed's record is written when it ends; a rerun with the same settings (everything but seeds,
 output_dir and name) reuses the finished seeds. AdamW with lr ``adapter_lr`` for the adapter and ``head_lr``
-for the head (MIFOMO: 1e-3 and 1e-4), weight decay ``weight_decay``; MIFOMO trains 1500 source episodes, the
-defaults here are 100 + 100 (a CPU budget).
+for the head (MIFOMO: 1e-3 and 1e-4; 1e-3 for both here), weight decay ``weight_decay``; MIFOMO trains 1500
+source episodes, the defaults here are 100 + 100 (a CPU budget). Defaults that differ from MIFOMO, each measured
+against its setting in docs/results.md: the tile readout (MIFOMO reads 9 x 9 patches), head_lr, top_k 30 (10),
+and prediction by propagation when transductive (MIFOMO: nearest prototype).
 """
 from __future__ import annotations
 
@@ -98,7 +103,7 @@ from hsfm_train.stages.base import Stage, register_stage, say
 from hsfm_train.stages.probe import load_backbone, normalise_for_model
 
 MODES = ("transductive", "inductive")
-PREDICTORS = ("prototype", "propagation")
+PREDICTORS = ("auto", "prototype", "propagation")
 SIGMA_SAMPLE = 2000  # embeddings the median pairwise distance is taken over
 TRAJECTORY_POINTS = 10  # lambda values kept per seed
 
@@ -148,6 +153,7 @@ class FewshotDataConfig:
 class FewshotPseudoLabelConfig(PseudoLabelConfig):
     """:class:`PseudoLabelConfig` with sigma defaulting to the data's own scale and a graph for large pools."""
     sigma: float | None = None  # None: the median pairwise distance of the embeddings, at every update
+    top_k: int = 30  # most confident kept per class (MIFOMO: 10; see docs/results.md for both)
     auto_knn: int = 20  # knn=0 and more than dense_limit points: a k-NN graph with this k instead of a dense one
 
     def problems(self) -> list[str]:
@@ -178,7 +184,7 @@ class FewshotConfig:
     patch_size: int = 9  # pixel-centred window, odd
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     embedding_dim: int = 64  # the trainable head's output: the prototype space
-    readout: str = "centre"  # "centre" / "mean": of the pixel's window; "tile": of the whole scene (see above)
+    readout: str = "tile"  # "tile": of the whole scene; "centre" / "mean": of the pixel's window (see above)
     tile_size: int = 256  # readout=tile: px; a larger scene is encoded in overlapping tiles of this side
     tile_overlap: int = 64  # readout=tile: px
     source_crop: int = 64  # readout=tile: a source episode is drawn from one random crop of this side, encoded alone
@@ -186,7 +192,7 @@ class FewshotConfig:
     source_episodes: int = 100  # MIFOMO: 1500
     target_episodes: int = 100
     adapter_lr: float = 1e-3
-    head_lr: float = 1e-4
+    head_lr: float = 1e-3  # MIFOMO: 1e-4 (see docs/results.md for both)
     weight_decay: float = 1e-5  # AdamW
     mixup: MixupConfig = field(default_factory=MixupConfig)
     mixup_da: bool = True  # the intermediate domain (needs sources and pseudo-labels)
@@ -194,8 +200,9 @@ class FewshotConfig:
     pseudo_labelling: bool = True
     pseudo_label_every: int = 25  # target episodes between pseudo-label updates; 0: once, before the first
     mode: str = "transductive"  # pseudo-label pool: "transductive" the query pixels, "inductive" label-0 pixels
-    predict: str = "prototype"  # "prototype": nearest support prototype; "propagation" (transductive): labels
-    # propagated from the support over the support + query embeddings (the pseudo-label graph, every query pixel)
+    predict: str = "auto"  # "prototype": nearest support prototype; "propagation" (transductive): labels
+    # propagated from the support over the support + query embeddings (the pseudo-label graph, every query pixel);
+    # "auto": propagation when transductive, prototype when inductive
     pca_bands: int = 0  # 0: the scene's bands; N > 0: its first N principal components (see the module docstring)
     device: str = "auto"  # "auto": cuda when available
     name: str = "fewshot"
@@ -310,6 +317,13 @@ def check_fewshot_config(config: FewshotConfig) -> None:
     problems = config_problems(config) + input_problems(config)
     if problems:
         raise ConfigError("fewshot config: " + "; ".join(problems))
+
+
+def predictor(config: FewshotConfig) -> str:
+    """``config.predict`` with ``auto`` resolved."""
+    if config.predict != "auto":
+        return config.predict
+    return "propagation" if config.mode == "transductive" else "prototype"
 
 
 def run_identity(config: FewshotConfig) -> dict[str, Any]:
@@ -714,7 +728,7 @@ def run_seed(inputs: Inputs, config: FewshotConfig, seed: int, device: torch.dev
     by_prototype = classification_scores(target.labels[query], predicted_map[query], classes.tolist())
     by_propagation = None if propagated_map is None else \
         classification_scores(target.labels[query], propagated_map[query], classes.tolist())
-    if config.predict == "propagation":
+    if predictor(config) == "propagation":
         scores, predicted_map = by_propagation, propagated_map
     else:
         scores = by_prototype
@@ -952,7 +966,7 @@ def _summary(config: FewshotConfig, inputs: Inputs, per_seed: list[dict[str, Any
         "normalisation": {"target": target.normalisation, "sources": [s.normalisation for s in inputs.sources]},
         "sources": [{"path": s.path, "name": s.name, "kind": s.kind, "classes": s.classes,
                      "shape": [*s.shape, int(s.cube.shape[2])]} for s in inputs.sources],
-        "mode": config.mode, "predict": config.predict, "adapter": jsonable(asdict(config.adapter)),
+        "mode": config.mode, "predict": predictor(config), "adapter": jsonable(asdict(config.adapter)),
         "readout": config.readout,
         "mixup_da": bool(config.mixup_da and inputs.sources and config.pseudo_labelling),
         "pseudo_labelling": config.pseudo_labelling, "pseudo_label_updates": updates,
@@ -971,7 +985,7 @@ def _summary(config: FewshotConfig, inputs: Inputs, per_seed: list[dict[str, Any
         "seconds": time.perf_counter() - started,
         "protocol": ("K labelled target pixels per class per seed (max(1, n//2) for classes of fewer than 2K), "
                      "query = every other labelled pixel, predicted by " + (
-                         "nearest support prototype" if config.predict == "prototype" else
+                         "nearest support prototype" if predictor(config) == "prototype" else
                          "label propagation from the support over support + query") +
                      "; mean and sample std (ddof=1) over seeds 0..seeds-1"),
         "per_seed": per_seed, "figures": figures, "notes": notes,
@@ -1027,7 +1041,7 @@ def format_fewshot_summary(summary: dict[str, Any]) -> str:
         f"  {summary['seconds_per_seed']:.1f} s per seed; {summary['runs_reused']} seeds reused",
     ]
     if "oa_propagation_mean" in summary:
-        lines.insert(3, f"  predicted by {summary['config']['predict']}; OA by nearest prototype "
+        lines.insert(3, f"  predicted by {summary['predict']}; OA by nearest prototype "
                         f"{100 * summary['oa_prototype_mean']:.1f} %, by label propagation over the query "
                         f"{100 * summary['oa_propagation_mean']:.1f} %")
     names = {"spectra_linear": "input spectra, logistic regression", "spectra_prototypes": "input spectra, nearest class mean"}
