@@ -92,7 +92,7 @@ def test_an_end_to_end_run_writes_the_summary_seed_records_and_figures(crop, tmp
     for name in ("confusion", "classification_map"):
         assert (out / "figures" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
     assert "baseline input spectra, logistic regression: OA" in printed
-    assert set(summary["baselines"]) == {"spectra_linear", "spectra_prototypes"}
+    assert set(summary["baselines"]) == {"spectra_linear", "spectra_prototypes", "spectra_propagation"}
     for entry in summary["baselines"].values():
         assert len(entry["oa_per_seed"]) == 2 and 0.0 <= entry["oa_mean"] <= 1.0
     tool = Path(__file__).resolve().parents[1] / "tools" / "fewshot_table.py"
@@ -100,7 +100,7 @@ def test_an_end_to_end_run_writes_the_summary_seed_records_and_figures(crop, tmp
                            check=True).stdout.splitlines()
     oa = f"{100 * summary['oa_mean']:.1f} +- {100 * summary['oa_std']:.1f}"
     linear = summary["baselines"]["spectra_linear"]
-    expected = f"| {summary['target_name']} | random init | cp | transductive | off | - | 2 | {oa}"
+    expected = f"| {summary['target_name']} | random init | cp | tile | propagation | transductive | off | - | 2 | {oa}"
     assert table[2].startswith(expected), table
     assert f"| {100 * linear['oa_mean']:.1f} +- {100 * linear['oa_std']:.1f} |" in table[2]
 
@@ -112,7 +112,7 @@ def test_the_spectra_baselines_score_each_seeds_own_split(crop):
 
     config = fewshot.load_fewshot_config(["backbone=random", f"data.target={crop}", *QUICK])
     target = fewshot.read_inputs(config).target
-    found = fewshot.input_spectra_baselines(target, fewshot.draw_splits(target, config)[0])
+    found = fewshot.input_spectra_baselines(target, fewshot.draw_splits(target, config)[0], config)
     split = target_split(target.labels.reshape(target.shape), config.shots, seed=1)
     x = target.cube.reshape(-1, target.cube.shape[-1]).astype(np.float64)
     mean, std = x[split.support].mean(0), x[split.support].std(0)
@@ -122,6 +122,10 @@ def test_the_spectra_baselines_score_each_seeds_own_split(crop):
     expected = np.mean(np.asarray(target.classes)[nearest] == target.labels[split.query])
     assert found["spectra_prototypes"]["oa_per_seed"][1] == pytest.approx(expected)
     assert len(found["spectra_linear"]["oa_per_seed"]) == config.seeds
+    assert len(found["spectra_propagation"]["oa_per_seed"]) == config.seeds
+    inductive = fewshot.input_spectra_baselines(target, fewshot.draw_splits(target, config)[0],
+                                                fewshot.replace(config, mode="inductive"))
+    assert "spectra_propagation" not in inductive  # it reads the query pixels' spectra: transductive only
 
 
 @pytest.mark.parametrize("kind", ["cp", "lora"])

@@ -2,9 +2,9 @@
 
     python tools/fewshot_table.py runs/fewshot/*           # one row per directory holding a summary.json
 
-Each row: target, backbone, adapter, pseudo-labels, mixup DA, sources, seeds ("N of M" for an unfinished job),
-OA / AA (%) and kappa as mean +- std over seeds, then the input-spectra baselines on the same seeds' splits
-(logistic regression, nearest class mean) and seconds per seed.
+Each row: target, backbone, adapter, readout, predictor, pseudo-labels, mixup DA, sources, seeds ("N of M" for an
+unfinished job), OA / AA (%) and kappa as mean +- std over seeds, then the input-spectra baselines on the same
+seeds' splits (logistic regression, nearest class mean, label propagation) and seconds per seed.
 """
 from __future__ import annotations
 
@@ -24,18 +24,21 @@ def row(directory: Path) -> str:
     pseudo = summary["mode"] if summary["pseudo_labelling"] else "off"
     sources = ", ".join(source["name"] for source in summary["sources"]) or "-"
     baselines = summary.get("baselines", {})
-    linear = _pm(baselines["spectra_linear"], "oa") if "spectra_linear" in baselines else "-"
-    prototypes = _pm(baselines["spectra_prototypes"], "oa") if "spectra_prototypes" in baselines else "-"
-    return (f"| {summary['target_name']} | {backbone} | {summary['adapter']['kind']} | {pseudo} | "
-            f"{'on' if summary['mixup_da'] else 'off'} | {sources} | {seeds} | {_pm(summary, 'oa')} | "
-            f"{_pm(summary, 'aa')} | {_pm(summary, 'kappa', 1.0, 3)} | {linear} | {prototypes} | "
+    spectra = [_pm(baselines[name], "oa") if name in baselines else "-"
+               for name in ("spectra_linear", "spectra_prototypes", "spectra_propagation")]
+    readout = summary.get("readout", "centre")
+    predict = summary.get("predict", "prototype")
+    return (f"| {summary['target_name']} | {backbone} | {summary['adapter']['kind']} | {readout} | {predict} | "
+            f"{pseudo} | {'on' if summary['mixup_da'] else 'off'} | {sources} | {seeds} | {_pm(summary, 'oa')} | "
+            f"{_pm(summary, 'aa')} | {_pm(summary, 'kappa', 1.0, 3)} | {' | '.join(spectra)} | "
             f"{summary['seconds_per_seed']:.0f} |")
 
 
 def main(paths: list[str]) -> None:
-    print("| target | backbone | adapter | pseudo-labels | mixup DA | sources | seeds | OA % | AA % | kappa | "
-          "spectra + logistic regression OA % | spectra, nearest class mean OA % | s / seed |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| target | backbone | adapter | readout | predict | pseudo-labels | mixup DA | sources | seeds | OA % | AA % | "
+          "kappa | spectra + logistic regression OA % | spectra, nearest class mean OA % | "
+          "spectra, label propagation OA % | s / seed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         if (Path(path) / "summary.json").exists():
             print(row(Path(path)))

@@ -500,27 +500,36 @@ def median_distance(embeddings: torch.Tensor, rng: np.random.Generator) -> float
     return value if value > 0 else 1.0
 
 
+def propagate_from_support(support: torch.Tensor, support_classes: np.ndarray, pool: torch.Tensor, n_classes: int,
+                           settings: FewshotPseudoLabelConfig, rng: np.random.Generator):
+    """Label propagation from ``support`` points (class positions ``support_classes``) over support + ``pool``
+    points: (the propagation, its sigma, the graph's name). Reads no label of the pool."""
+    points = torch.cat([support, pool])
+    sigma = settings.sigma if settings.sigma is not None else median_distance(points, rng)
+    plain = settings.for_points(len(points), sigma)
+    given = torch.cat([torch.as_tensor(support_classes, dtype=torch.long),
+                       torch.full((len(pool),), -1, dtype=torch.long)]).to(points.device)
+    graph = f"{plain.knn}-NN" if plain.knn else "dense"
+    return propagate_labels(points, given, n_classes, plain), float(sigma), graph
+
+
 def compute_pseudo_labels(runner: EmbeddingRunner, target: Domain, support: np.ndarray, support_classes: np.ndarray,
                           pool: np.ndarray, n_classes: int, config: FewshotConfig, rng: np.random.Generator
                           ) -> PseudoLabels:
     """Label propagation from the support (class positions ``support_classes``) over the support and ``pool``
-    pixels; reads no label of the pool."""
+    pixels' embeddings, and the most confident pool pixels per class; reads no label of the pool."""
     settings = config.pseudo_labels
-    embeddings = torch.cat([runner.embed_all(target, support), runner.embed_all(target, pool)])
-    sigma = settings.sigma if settings.sigma is not None else median_distance(embeddings, rng)
-    plain = settings.for_points(len(embeddings), sigma)
-    given = torch.cat([torch.as_tensor(support_classes, dtype=torch.long),
-                       torch.full((len(pool),), -1, dtype=torch.long)]).to(embeddings.device)
-    result = propagate_labels(embeddings, given, n_classes, plain)
-    candidates = torch.zeros(len(embeddings), dtype=torch.bool, device=embeddings.device)
+    result, sigma, graph = propagate_from_support(runner.embed_all(target, support), support_classes,
+                                                  runner.embed_all(target, pool), n_classes, settings, rng)
+    total = len(support) + len(pool)
+    candidates = torch.zeros(total, dtype=torch.bool, device=result.labels.device)
     candidates[len(support):] = True
     kept, kept_classes = confident_pseudo_labels(result.labels, result.confidence, n_classes, settings.top_k,
                                                  candidates)
     kept_np = kept.cpu().numpy() - len(support)
-    graph = f"{plain.knn}-NN" if plain.knn else "dense"
     return PseudoLabels(indices=pool[kept_np], classes=kept_classes.cpu().numpy(),
-                        soft=smooth_labels(kept_classes, n_classes, settings.smoothing).to(embeddings.device),
-                        pool=pool, pool_classes=result.labels[len(support):].cpu().numpy(), sigma=float(sigma),
+                        soft=smooth_labels(kept_classes, n_classes, settings.smoothing).to(runner.device),
+                        pool=pool, pool_classes=result.labels[len(support):].cpu().numpy(), sigma=sigma,
                         graph=graph)
 
 
@@ -839,17 +848,22 @@ def _over_seeds(entry: dict[str, Any], count: int) -> dict[str, Any]:
     return restricted
 
 
-def input_spectra_baselines(target: Domain, splits: list[FewShotSplit]) -> dict[str, dict[str, Any]]:
+def input_spectra_baselines(target: Domain, splits: list[FewShotSplit], config: FewshotConfig
+                            ) -> dict[str, dict[str, Any]]:
     """The trivial baselines on each seed's own split, without any network: every pixel's input spectrum (as the
     model receives it: normalised, or its principal components with ``pca_bands``), classified by a logistic
-    regression (the probe's ``linear``: standardised on the support, C = 1) and by the nearest support-class mean
-    after the same standardisation (a prototypical classifier on spectra)."""
+    regression (the probe's ``linear``: standardised on the support, C = 1), by the nearest support-class mean
+    after the same standardisation (a prototypical classifier on spectra) and, transductive, by label propagation
+    from the support over support + query with the stage's own pseudo-label settings (what propagation alone
+    gives, without the backbone)."""
     from hsfm_train.stages.probe import fit_probe
 
     spectra = target.cube.reshape(-1, target.cube.shape[-1]).astype(np.float64)
     classes = target.classes
     found: dict[str, list[dict[str, Any]]] = {"spectra_linear": [], "spectra_prototypes": []}
-    for split in splits:
+    if config.mode == "transductive":
+        found["spectra_propagation"] = []
+    for seed, split in enumerate(splits):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             linear = fit_probe("linear", spectra[split.support], target.labels[split.support])
@@ -865,6 +879,13 @@ def input_spectra_baselines(target: Domain, splits: list[FewShotSplit]) -> dict[
         distances = (query ** 2).sum(1)[:, None] - 2 * query @ centres.T + (centres ** 2).sum(1)[None, :]
         predicted = np.asarray(classes)[distances.argmin(axis=1)]
         found["spectra_prototypes"].append(classification_scores(truth, predicted, classes))
+        if "spectra_propagation" in found:
+            result, _, _ = propagate_from_support(torch.as_tensor(support, dtype=torch.float32),
+                                                  split.support_labels, torch.as_tensor(query, dtype=torch.float32),
+                                                  len(classes), config.pseudo_labels,
+                                                  np.random.default_rng([seed, config.seed]))
+            predicted = np.asarray(classes)[result.labels[len(support):].numpy()]
+            found["spectra_propagation"].append(classification_scores(truth, predicted, classes))
     summary: dict[str, dict[str, Any]] = {}
     for name, scores in found.items():
         entry: dict[str, Any] = {}
@@ -896,7 +917,7 @@ def fewshot_summary(config: FewshotConfig, inputs: Inputs) -> dict[str, Any]:
     say(f"fewshot: {target.name} ({len(classes)} classes, K={config.shots}, {config.seeds} seeds, {config.mode}), "
         f"adapter {config.adapter.kind}: {report['trainable']:,} trainable of {report['total']:,} parameters "
         f"({100 * report['fraction']:.2f}%: adapter {adapter_count:,} + head {head_count:,})")
-    baselines = input_spectra_baselines(target, splits)
+    baselines = input_spectra_baselines(target, splits, config)
     mixup_active = bool(config.mixup_da and inputs.sources and config.pseudo_labelling)
     if config.mixup_da and not mixup_active:
         notes.append("mixup DA is on but inactive: it needs data.source and pseudo_labelling")
@@ -1044,7 +1065,9 @@ def format_fewshot_summary(summary: dict[str, Any]) -> str:
         lines.insert(3, f"  predicted by {summary['predict']}; OA by nearest prototype "
                         f"{100 * summary['oa_prototype_mean']:.1f} %, by label propagation over the query "
                         f"{100 * summary['oa_propagation_mean']:.1f} %")
-    names = {"spectra_linear": "input spectra, logistic regression", "spectra_prototypes": "input spectra, nearest class mean"}
+    names = {"spectra_linear": "input spectra, logistic regression",
+             "spectra_prototypes": "input spectra, nearest class mean",
+             "spectra_propagation": "input spectra, label propagation"}
     for name, entry in summary.get("baselines", {}).items():
         verdict = "the model LOSES to it" if entry["oa_mean"] > summary["oa_mean"] else "the model beats it"
         lines.append(f"  baseline {names.get(name, name)}: OA {100 * entry['oa_mean']:.1f} +- "
