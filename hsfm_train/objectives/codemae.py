@@ -1,0 +1,126 @@
+"""The loss terms of CoDe-MAE (joint optical-SAR pretraining with one shared backbone), beside the per-modality
+masked reconstruction that ``objectives/reconstruction.py`` already gives:
+
+* cross-modal degraded reconstruction: tokens of one modality predict a spectrally degraded version of the other
+  (optical -> the SAR channel mean, SAR -> optical luma 0.299 R + 0.587 G + 0.114 B), per patch, so that the model
+  learns shared structure without the ill-posed full translation between modalities;
+* conditioned contrastive learning: each modality's tokens cross-attend to the other's, are mean-pooled and
+  projected, and the two pooled embeddings of a pair are aligned by a symmetric InfoNCE at a fixed temperature
+  (0.07), a soft alignment that leaves the per-token features free;
+* feature distillation: SmoothL1 between the student's optical tokens (through a linear projection) and a frozen
+  optical teacher's, which anchors the shared backbone to optical semantics.
+
+Every cross-modal term takes a ``paired`` mask [N]: samples without a partner contribute nothing, and a batch
+with no pair gives an exact zero (with a graph, so that every parameter still receives a gradient, as DDP needs).
+Images are [N, C, H, W]; patch targets are [N, P, p*p] with the P patches in raster order, as the encoder's
+patch tokens are.
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.nn import functional as F
+
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma of R, G, B
+CONTRASTIVE_TEMPERATURE = 0.07
+
+
+def optical_luma(optical: torch.Tensor) -> torch.Tensor:
+    """Luma [N, 1, H, W] of an RGB image [N, 3, H, W] (channels in R, G, B order)."""
+    if optical.dim() != 4 or optical.shape[1] != 3:
+        raise ValueError(f"optical luma needs an RGB image [N, 3, H, W], got {tuple(optical.shape)}")
+    weights = torch.as_tensor(LUMA_WEIGHTS, dtype=optical.dtype, device=optical.device)
+    return torch.einsum("nchw,c->nhw", optical, weights)[:, None]
+
+
+def sar_channel_mean(sar: torch.Tensor) -> torch.Tensor:
+    """The mean over polarisation channels [N, 1, H, W] of a SAR image [N, C, H, W] (C = 1: the image itself)."""
+    if sar.dim() != 4:
+        raise ValueError(f"SAR channel mean needs an image [N, C, H, W], got {tuple(sar.shape)}")
+    return sar.mean(dim=1, keepdim=True)
+
+
+def patch_targets(image: torch.Tensor, patch_size: int, standardise: bool = True) -> torch.Tensor:
+    """A one-channel image [N, 1, H, W] (H, W multiples of ``patch_size``) -> per-patch targets [N, P, p*p],
+    patches in raster order. ``standardise``: each patch to zero mean and unit variance (MAE's norm_pix), so that
+    the target is structure, not the other sensor's brightness scale."""
+    if image.dim() != 4 or image.shape[1] != 1:
+        raise ValueError(f"patch targets need a one-channel image [N, 1, H, W], got {tuple(image.shape)}")
+    if image.shape[-2] % patch_size or image.shape[-1] % patch_size:
+        raise ValueError(f"image {tuple(image.shape[-2:])} is not a multiple of the patch size {patch_size}")
+    patches = rearrange(image, "n 1 (r p) (c q) -> n (r c) (p q)", p=patch_size, q=patch_size)
+    if standardise:
+        mean = patches.mean(dim=-1, keepdim=True)
+        var = patches.var(dim=-1, keepdim=True, unbiased=False)
+        patches = (patches - mean) / (var + 1e-6).sqrt()
+    return patches
+
+
+def _zero_like_graph(*tensors: torch.Tensor) -> torch.Tensor:
+    """0.0 that depends on every tensor given (so their parameters get a zero gradient, not none)."""
+    return sum(t.sum() * 0.0 for t in tensors)
+
+
+def degraded_reconstruction(prediction: torch.Tensor, target: torch.Tensor, paired: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the paired samples' patches: ``prediction`` and ``target`` [N, P, p*p], ``paired``
+    [N] bool. All patches are scored (the target comes from the other modality, which the encoder never saw)."""
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ")
+    paired = paired.to(device=prediction.device, dtype=torch.bool)
+    if not paired.any():
+        return _zero_like_graph(prediction)
+    return F.mse_loss(prediction[paired].float(), target[paired].float())
+
+
+def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
+    """Symmetric InfoNCE of two [N, D] embeddings whose row i is one pair: cosine similarities / temperature, the
+    mean of the cross-entropies a -> b and b -> a with the diagonal as the positives."""
+    if z_a.shape != z_b.shape or z_a.dim() != 2:
+        raise ValueError(f"expected two [N, D] embeddings of one shape, got {tuple(z_a.shape)}, {tuple(z_b.shape)}")
+    logits = F.normalize(z_a.float(), dim=1) @ F.normalize(z_b.float(), dim=1).t() / temperature
+    targets = torch.arange(len(z_a), device=z_a.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+class ConditionedPooling(nn.Module):
+    """Cross-attention pooling: the tokens of one modality [N, T, D] attend to the other's [N, T', D] (queries from
+    the first, keys and values from the second), are mean-pooled and projected to [N, E]. One module serves both
+    directions (the backbone is shared; so is the bridge)."""
+
+    def __init__(self, dim: int, num_heads: int, embedding_dim: int = 128):
+        super().__init__()
+        self.norm_query = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_context = nn.LayerNorm(dim, eps=1e-6)
+        self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.projection = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, embedding_dim))
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        query = self.norm_query(tokens)
+        memory = self.norm_context(context)
+        attended, _ = self.attention(query, memory, memory, need_weights=False)
+        return self.projection((tokens + attended).mean(dim=1))
+
+
+def conditioned_contrastive(pooling: ConditionedPooling, optical_tokens: torch.Tensor, sar_tokens: torch.Tensor,
+                            paired: torch.Tensor, temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
+    """InfoNCE between each pair's optical tokens conditioned on its SAR tokens and its SAR tokens conditioned on
+    its optical tokens; only paired samples take part (the negatives are the other pairs of the batch). Fewer than
+    two pairs: zero (InfoNCE needs a negative)."""
+    paired = paired.to(device=optical_tokens.device, dtype=torch.bool)
+    if int(paired.sum()) < 2:
+        return _zero_like_graph(optical_tokens, sar_tokens, *pooling.parameters())
+    optical, sar = optical_tokens[paired], sar_tokens[paired]
+    return info_nce(pooling(optical, sar), pooling(sar, optical), temperature)
+
+
+def feature_distillation(student: torch.Tensor, teacher: torch.Tensor, projection: nn.Module,
+                         beta: float = 1.0) -> torch.Tensor:
+    """SmoothL1 between the projected student tokens and the frozen teacher's [N, T, D_teacher] (no gradient into
+    the teacher). The teacher's features are standardised per token (layer norm without parameters), so that the
+    target's scale is the teacher's structure, not its raw activation size."""
+    target = F.layer_norm(teacher.detach().float(), teacher.shape[-1:])
+    predicted = projection(student).float()
+    if predicted.shape != target.shape:
+        raise ValueError(f"projected student {tuple(predicted.shape)} and teacher {tuple(target.shape)} differ")
+    return F.smooth_l1_loss(predicted, target, beta=beta)

@@ -1,0 +1,120 @@
+"""The CoDe-MAE loss terms (hsfm_train/objectives/codemae.py): degraded targets on hand-built images, InfoNCE
+against a loop-by-loop reference, and the cross-modal terms ignoring unpaired samples."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hsfm_train.objectives.codemae import (ConditionedPooling, conditioned_contrastive, degraded_reconstruction,
+                                           feature_distillation, info_nce, optical_luma, patch_targets,
+                                           sar_channel_mean)
+
+
+def test_optical_luma_weights_red_green_and_blue_by_bt601():
+    image = torch.zeros(2, 3, 2, 2)
+    image[0, 0] = 1.0  # pure red
+    image[1] = 1.0  # white
+    image[1, 2, 0, 0] = 0.0  # one pixel without blue
+    luma = optical_luma(image)
+    assert luma.shape == (2, 1, 2, 2)
+    torch.testing.assert_close(luma[0], torch.full((1, 2, 2), 0.299))
+    torch.testing.assert_close(luma[1, 0], torch.tensor([[0.886, 1.0], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="RGB"):
+        optical_luma(torch.zeros(1, 1, 2, 2))
+
+
+def test_the_sar_channel_mean_averages_polarisations():
+    sar = torch.stack([torch.full((2, 2), 0.2), torch.full((2, 2), 0.6)])[None]  # VV, VH
+    torch.testing.assert_close(sar_channel_mean(sar), torch.full((1, 1, 2, 2), 0.4))
+    single = torch.rand(3, 1, 4, 4)
+    torch.testing.assert_close(sar_channel_mean(single), single)
+
+
+def test_patch_targets_are_raster_patches_standardised_each():
+    image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    raw = patch_targets(image, 2, standardise=False)
+    assert raw.shape == (1, 4, 4)
+    torch.testing.assert_close(raw[0, 0], torch.tensor([0.0, 1.0, 4.0, 5.0]))  # top-left
+    torch.testing.assert_close(raw[0, 1], torch.tensor([2.0, 3.0, 6.0, 7.0]))  # top-right
+    torch.testing.assert_close(raw[0, 2], torch.tensor([8.0, 9.0, 12.0, 13.0]))  # bottom-left
+    standard = patch_targets(image, 2)
+    expected = (torch.tensor([0.0, 1.0, 4.0, 5.0]) - 2.5) / math.sqrt(4.25 + 1e-6)
+    torch.testing.assert_close(standard[0, 0], expected)
+    flat = patch_targets(torch.ones(1, 1, 2, 2), 2)  # a flat patch has no structure: zeros, not NaN
+    torch.testing.assert_close(flat, torch.zeros(1, 1, 4))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        patch_targets(torch.zeros(1, 1, 5, 4), 2)
+
+
+def test_info_nce_matches_a_loop_by_loop_reference():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 8, generator=generator), torch.randn(5, 8, generator=generator)
+    an = a.numpy() / np.linalg.norm(a.numpy(), axis=1, keepdims=True)
+    bn = b.numpy() / np.linalg.norm(b.numpy(), axis=1, keepdims=True)
+    similarity = an @ bn.T / 0.07
+    losses = []
+    for i in range(5):
+        losses.append(-similarity[i, i] + np.log(np.exp(similarity[i]).sum()))  # a_i against every b
+        losses.append(-similarity[i, i] + np.log(np.exp(similarity[:, i]).sum()))  # b_i against every a
+    assert info_nce(a, b).item() == pytest.approx(float(np.mean(losses)), rel=1e-5)
+    # aligned pairs far apart from each other: a near-zero loss; a swapped pairing: a large one
+    basis = torch.eye(4) * 10
+    assert info_nce(basis, basis).item() < 1e-5  # log(1 + 3 exp(-1 / 0.07))
+    assert info_nce(basis, basis.flip(0)).item() > 10
+
+
+def test_degraded_reconstruction_scores_paired_samples_only():
+    prediction = torch.randn(3, 4, 9, requires_grad=True)
+    target = torch.randn(3, 4, 9)
+    paired = torch.tensor([True, False, True])
+    loss = degraded_reconstruction(prediction, target, paired)
+    expected = ((prediction[[0, 2]] - target[[0, 2]]) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
+    changed = prediction.detach().clone()
+    changed[1] += 100.0  # the unpaired sample's prediction does not matter
+    torch.testing.assert_close(degraded_reconstruction(changed, target, paired), expected.detach())
+    none = degraded_reconstruction(prediction, target, torch.zeros(3, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0.0 and prediction.grad is not None and prediction.grad.abs().sum() == 0
+
+
+def test_conditioned_contrastive_ignores_unpaired_samples_and_needs_two_pairs():
+    torch.manual_seed(0)
+    pooling = ConditionedPooling(dim=16, num_heads=2, embedding_dim=8).eval()
+    optical, sar = torch.randn(4, 6, 16), torch.randn(4, 5, 16)
+    paired = torch.tensor([True, True, False, True])
+    loss = conditioned_contrastive(pooling, optical, sar, paired)
+    keep = paired.nonzero().flatten()
+    expected = info_nce(pooling(optical[keep], sar[keep]), pooling(sar[keep], optical[keep]))
+    torch.testing.assert_close(loss, expected)
+    optical_changed, sar_changed = optical.clone(), sar.clone()
+    optical_changed[2] += 5.0
+    sar_changed[2] -= 5.0
+    torch.testing.assert_close(conditioned_contrastive(pooling, optical_changed, sar_changed, paired), expected)
+    # the conditioning matters: the pooled optical embedding depends on the SAR tokens it attends to
+    assert not torch.allclose(pooling(optical, sar), pooling(optical, sar.flip(0)))
+    one_pair = conditioned_contrastive(pooling, optical, sar, torch.tensor([True, False, False, False]))
+    one_pair.backward()
+    assert one_pair.item() == 0.0
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in pooling.parameters())
+
+
+def test_feature_distillation_pulls_the_student_to_the_frozen_teacher():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 12, requires_grad=True)
+    student = torch.randn(2, 5, 8, requires_grad=True)
+    projection = nn.Linear(8, 12)
+    loss = feature_distillation(student, teacher, projection)
+    normalised = torch.nn.functional.layer_norm(teacher.detach(), (12,))
+    expected = torch.nn.functional.smooth_l1_loss(projection(student), normalised)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None and projection.weight.grad is not None
+    exact = nn.Identity()
+    assert feature_distillation(normalised, teacher, exact).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="differ"):
+        feature_distillation(student, teacher, nn.Identity())
