@@ -259,3 +259,21 @@ def abundance_maps_figure(path: str | os.PathLike, estimated: Any, truth: Any | 
     if title:
         fig.suptitle(title, fontsize="medium")
     return _save(fig, Path(path))
+
+
+def singular_value_figure(path: str | os.PathLike, spectra: dict[str, Any], title: str = "") -> Path:
+    """Normalised singular values (each spectrum sums to 1), largest first, on a log scale: a fast decay is a
+    collapsed representation, a flat tail a well-spread one. ``spectra``: label -> values."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for label, values in spectra.items():
+        values = np.asarray(values, dtype=np.float64)
+        values = values[values > 0]
+        ax.semilogy(np.arange(1, len(values) + 1), values, label=label)
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("normalised singular value")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))

@@ -54,7 +54,7 @@ from hsfm_train.io import read_json, write_json_atomic
 from hsfm_train.kernels import set_backend as set_kernel_backend
 
 STAGE_MODULES = ("hsfm_train.stages.pretrain", "hsfm_train.stages.probe", "hsfm_train.stages.unmix",
-                 "hsfm_train.stages.fewshot")
+                 "hsfm_train.stages.fewshot", "hsfm_train.stages.eval_pairs")
 _REGISTRY: dict[str, type[Stage]] = {}
 
 

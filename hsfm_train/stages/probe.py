@@ -146,26 +146,36 @@ def preset_model_config(name: str) -> ModelConfig:
 
 def load_backbone(config: ProbeConfig) -> tuple[torch.nn.Module, dict[str, Any] | None, str]:
     """(model in eval mode, the normalisation statistics that go with it or None, a description)."""
+    decoder = config.readout == "decoder"
+    model, statistics, description = backbone_from(config.backbone, config.random_like, config.random_model,
+                                                   config.seed, decoder)
+    if decoder and not getattr(model, "with_decoder", False):
+        raise ConfigError(f"readout=decoder needs a backbone exported with its decoder; {config.backbone} is "
+                          "encoder-only")
+    return model, statistics, description
+
+
+def backbone_from(backbone: str, random_like: str | None, random_preset: str, seed: int, with_decoder: bool
+                  ) -> tuple[torch.nn.Module, dict[str, Any] | None, str]:
+    """An export (``backbone``: its directory; whole, as exported), or ``backbone="random"``: the architecture of
+    the export ``random_like`` (fed with that export's normalisation) or of the model preset ``random_preset``,
+    initialised from ``seed`` (with the decoder when ``with_decoder``). (model, statistics or None, description)."""
     from hsfm_train.engine.export import load_pretrained, read_export_config
     from hsfm_train.models.registry import DEFAULT_ARCHITECTURE
     from hsfm_train.models.registry import model_config as registry_model_config
 
-    decoder = config.readout == "decoder"
-    if config.backbone != "random":
-        model = load_pretrained(config.backbone)
-        if decoder and not getattr(model, "with_decoder", False):
-            raise ConfigError(f"readout=decoder needs a backbone exported with its decoder; {config.backbone} is "
-                              "encoder-only")
-        return model, model.export_config.get("normalization") or {}, str(config.backbone)
-    if config.random_like is not None:
-        export = read_export_config(config.random_like)
+    if backbone != "random":
+        model = load_pretrained(backbone)
+        return model, model.export_config.get("normalization") or {}, str(backbone)
+    if random_like is not None:
+        export = read_export_config(random_like)
         arch = export.get("arch", DEFAULT_ARCHITECTURE)
-        model_config = registry_model_config(arch, export["model"], f"{config.random_like} model")
+        model_config = registry_model_config(arch, export["model"], f"{random_like} model")
         # the control of an export is fed exactly as the export would be
-        return (random_model(model_config, config.seed, arch, decoder), export.get("normalization") or {},
-                f"random init (seed {config.seed}) like {config.random_like}")
-    return (random_model(preset_model_config(config.random_model), config.seed, with_decoder=decoder), None,
-            f"random init (seed {config.seed}) of model preset {config.random_model!r}")
+        return (random_model(model_config, seed, arch, with_decoder), export.get("normalization") or {},
+                f"random init (seed {seed}) like {random_like}")
+    return (random_model(preset_model_config(random_preset), seed, with_decoder=with_decoder), None,
+            f"random init (seed {seed}) of model preset {random_preset!r}")
 
 
 # -------------------------------------------------------------------------------------------- normalisation
