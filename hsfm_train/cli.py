@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--overwrite", action="store_true", help="rebuild over an existing index")
     build.add_argument("--quiet", action="store_true")
+    build.add_argument("--split", choices=("all", "held_out", "train"), default="all",
+                       help="keep only this split's scenes, by source image (hsfm_train/data/pairs.py)")
+    build.add_argument("--held-out-fraction", type=float, default=0.2, help="the held-out share of source images")
+    build.add_argument("--unpair-fraction", type=float, default=0.0,
+                       help="this share of source images loses its paired (SAR) image: unpaired samples in the stream")
     synthetic = build.add_argument_group("synthetic linear-mixing scenes from real library spectra")
     synthetic.add_argument("--synthetic", type=int, default=0, metavar="N", help="add N synthetic scenes")
     synthetic.add_argument("--synthetic-size", type=int, default=64, help="height and width")
@@ -210,7 +215,12 @@ def _build(args: argparse.Namespace) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
     )
-    index = build_shards(_scene_sources(args), config, progress=not args.quiet)
+    from hsfm_train.data.pairs import split_scenes
+
+    if not 0.0 < args.held_out_fraction < 1.0 or not 0.0 <= args.unpair_fraction <= 1.0:
+        raise HsfmError("--held-out-fraction must be in (0, 1) and --unpair-fraction in [0, 1]")
+    scenes = split_scenes(_scene_sources(args), args.split, args.held_out_fraction, args.unpair_fraction)
+    index = build_shards(scenes, config, progress=not args.quiet)
     print(_format_summary(index))
     return 0
 

@@ -17,7 +17,8 @@ fraction of 2^64, fall below ``held_out_fraction``: stable under reordering and 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,26 @@ def held_out(source: str, fraction: float) -> bool:
     """Whether the pairs of ``source`` belong to the held-out split (see the module docstring)."""
     digest = hashlib.sha256(source.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < fraction
+
+
+def scene_source(scene) -> str:
+    """The source image a scene was cut from (its ``source_image`` metadata), else its own name."""
+    return str((scene.metadata or {}).get("source_image", scene.name))
+
+
+def split_scenes(scenes: Iterable, split: str, fraction: float, unpair_fraction: float = 0.0) -> Iterator:
+    """The scenes of ``split`` (by source, as :func:`held_out` decides); with ``unpair_fraction``, the scenes of
+    that fraction of sources (by a second, independent hash) lose their paired image, so that a stream holds
+    paired and unpaired samples of the same sensors."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    for scene in scenes:
+        source = scene_source(scene)
+        if split != "all" and held_out(source, fraction) != (split == "held_out"):
+            continue
+        if unpair_fraction > 0 and scene.pair is not None and held_out(f"unpaired:{source}", unpair_fraction):
+            scene = replace(scene, pair=None, pair_wavelengths_nm=None, pair_sensor=None)
+        yield scene
 
 
 def select_split(pairs: list[ImagePair], split: str, fraction: float) -> list[ImagePair]:
@@ -78,8 +99,7 @@ def _pair_of(scene, where: str) -> ImagePair:
     sar_wavelengths = scene.pair_wavelengths_nm
     if sar_wavelengths is None:
         sar_wavelengths = np.full(scene.pair.shape[2], DEFAULT_SAR_WAVELENGTHS_NM[0], dtype=np.float32)
-    source = str(scene.metadata.get("source_image", scene.name)) if scene.metadata else scene.name
-    return ImagePair(scene.name, source, np.asarray(scene.cube, dtype=np.float32),
+    return ImagePair(scene.name, scene_source(scene), np.asarray(scene.cube, dtype=np.float32),
                      np.asarray(scene.wavelengths_nm, dtype=np.float32).reshape(-1),
                      np.asarray(scene.pair, dtype=np.float32), np.asarray(sar_wavelengths, dtype=np.float32))
 

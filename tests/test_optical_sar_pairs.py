@@ -103,3 +103,28 @@ def test_config_errors_are_named_before_anything_runs(tmp_path):
     out = tmp_path / "out"
     assert main(["eval-pairs", f"data.pairs={tmp_path}/none.npz", f"output_dir={out}"]) != 0
     assert not (out / "summary.json").exists()
+
+
+def test_paired_shards_keep_one_split_and_can_mix_in_unpaired_samples(tmp_path):
+    from hsfm_train.data.pairs import held_out
+    from hsfm_train.data.shards import load_index
+
+    manifest = tmp_path / "pairs.yaml"
+    manifest.write_text(f"- {{path: {shared_file(VOLKOV)}, indices: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}}\n")
+    scenes = {}
+    for split in ("held_out", "train"):
+        out = tmp_path / split
+        assert main(["shards", "build", "--manifest", str(manifest), "--out", str(out), "--tile-size", "64",
+                     "--split", split, "--held-out-fraction", "0.5", "--quiet"]) == 0
+        records = load_index(out)["scenes"]
+        assert records and all(record["has_pair"] for record in records)
+        scenes[split] = {record["name"] for record in records}
+    assert not scenes["held_out"] & scenes["train"] and len(scenes["held_out"] | scenes["train"]) == 12
+    for name in scenes["held_out"]:
+        source = name.split("_", 1)[1].rsplit("_", 1)[0]  # volkov_<source image>_<index>
+        assert held_out(source, 0.5)
+    mixed = tmp_path / "mixed"
+    assert main(["shards", "build", "--manifest", str(manifest), "--out", str(mixed), "--tile-size", "64",
+                 "--unpair-fraction", "0.5", "--quiet"]) == 0
+    flags = [record["has_pair"] for record in load_index(mixed)["scenes"]]
+    assert len(flags) == 12 and any(flags) and not all(flags)
