@@ -17,8 +17,9 @@ fraction of 2^64, fall below ``held_out_fraction``: stable under reordering and 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,52 @@ def read_pairs(path: str | Path, reader: dict[str, Any] | None = None) -> list[I
             pairs.append(_pair_of(read_scene(entry["path"], **options), f"{path} entry {number}"))
         return pairs
     return [_pair_of(scene, str(path)) for scene in read_scenes(path, **reader)]
+
+
+# ------------------------------------------------------------------------------------------- shard sets
+
+
+@dataclass
+class PairShardsConfig:
+    """The train and held-out shard sets of an optical-SAR stack, built once into ``output_dir`` and reused."""
+    path: str = "../shared/data/optical_sar/volkov_s1s2_aligned/volkov_s1s2_256.npz"
+    reader: dict[str, Any] = field(default_factory=dict)
+    output_dir: str = "shards/pairs"
+    tile_size: int = 64
+    held_out_fraction: float = 0.2
+    unpair_fraction: float = 0.0  # this share of the training sources loses its SAR image (unpaired samples)
+
+
+PAIRS_FILE = "pairs.json"
+
+
+def build_pair_shards(config: PairShardsConfig) -> tuple[Path, Path]:
+    """``output_dir/train`` (the sources :func:`held_out` keeps out, ``unpair_fraction`` of them unpaired) and
+    ``output_dir/held_out`` (always paired). A complete earlier build of the same file and settings is reused."""
+    from hsfm_train.data.readers import read_scenes
+    from hsfm_train.data.shards import INDEX_FILE, ShardBuildConfig, build_shards
+    from hsfm_train.data.tiling import TilingConfig
+    from hsfm_train.io import file_sha256, read_json, write_json_atomic
+
+    source = Path(config.path)
+    if not source.exists():
+        raise DataFormatError(f"optical-SAR pairs {source} do not exist (the Volkov stack ships in ../shared/data; "
+                              "set data.pairs.path)")
+    output = Path(config.output_dir)
+    train_dir, held_dir = output / "train", output / "held_out"
+    record = {"config": asdict(config), "sha256": file_sha256(source)}
+    record_path = output / PAIRS_FILE
+    complete = all((d / INDEX_FILE).exists() for d in (train_dir, held_dir))
+    if complete and record_path.exists():
+        try:
+            if read_json(record_path) == json.loads(json.dumps(record)):
+                return train_dir, held_dir
+        except DataFormatError:
+            pass
+    record_path.unlink(missing_ok=True)
+    for split, directory, unpair in (("train", train_dir, config.unpair_fraction), ("held_out", held_dir, 0.0)):
+        scenes = split_scenes(read_scenes(source, **config.reader), split, config.held_out_fraction, unpair)
+        build_shards(scenes, ShardBuildConfig(output_dir=str(directory), tiling=TilingConfig(config.tile_size),
+                                              overwrite=True))
+    write_json_atomic(record_path, record)
+    return train_dir, held_dir

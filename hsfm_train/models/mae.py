@@ -93,7 +93,7 @@ class MAEOutput(dict):
 
     def __init__(self, prediction: torch.Tensor, token_mask: torch.Tensor, membership: torch.Tensor,
                  present: torch.Tensor, patch_size: int, latent: torch.Tensor, decoder_features: torch.Tensor,
-                 abundances: torch.Tensor | None = None):
+                 abundances: torch.Tensor | None = None, visible_ids: torch.Tensor | None = None):
         super().__init__(
             prediction=prediction,  # [N, B, H, W], in the (normalised) units of the input
             token_mask=token_mask,  # [N, G, P] bool, True = masked (to reconstruct)
@@ -102,7 +102,8 @@ class MAEOutput(dict):
             patch_size=patch_size,
             latent=latent,  # encoder output [N, 1 + visible, D]
             decoder_features=decoder_features,  # [N, G, P, Dd]
-            abundances=abundances)  # [N, P, M] or [N, P, p*p, M]
+            abundances=abundances,  # [N, P, M] or [N, P, p*p, M]
+            visible_ids=visible_ids)  # [N, visible] the token (group-major) each latent token after cls came from
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -276,4 +277,4 @@ class SpectralMAE(nn.Module):
         abundances = self.lsmm.abundances(features.mean(dim=1)) if self.lsmm is not None else None
         return MAEOutput(prediction=prediction, token_mask=mask.view(n, groups, patches), membership=membership,
                          present=present, patch_size=self.config.patch_size, latent=latent,
-                         decoder_features=features, abundances=abundances)
+                         decoder_features=features, abundances=abundances, visible_ids=kept)

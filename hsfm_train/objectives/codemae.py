@@ -102,6 +102,15 @@ class ConditionedPooling(nn.Module):
         return self.projection((tokens + attended).mean(dim=1))
 
 
+def paired_info_nce(z_a: torch.Tensor, z_b: torch.Tensor, paired: torch.Tensor,
+                    temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
+    """:func:`info_nce` over the paired rows only; fewer than two pairs: zero (InfoNCE needs a negative)."""
+    paired = paired.to(device=z_a.device, dtype=torch.bool)
+    if int(paired.sum()) < 2:
+        return _zero_like_graph(z_a, z_b)
+    return info_nce(z_a[paired], z_b[paired], temperature)
+
+
 def conditioned_contrastive(pooling: ConditionedPooling, optical_tokens: torch.Tensor, sar_tokens: torch.Tensor,
                             paired: torch.Tensor, temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
     """InfoNCE between each pair's optical tokens conditioned on its SAR tokens and its SAR tokens conditioned on

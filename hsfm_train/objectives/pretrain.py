@@ -4,6 +4,10 @@
     objective=karma  Huber + spectral angle + LSMM physics (KARMA, seed 000); the paper does not publish its
                      weights, so all three default to 1 (see configs/objective/karma.yaml)
     decorrelation    optional on either: VICReg-style variance/covariance of the encoder's token features
+    objective=codemae  optical-SAR pairs through one shared backbone (``joint``): each modality's masked MSE,
+                     cross-modal degraded reconstruction, conditioned contrastive learning and distillation from a
+                     frozen optical teacher (CoDe-MAE, seed 003; objectives/codemae.py); ``rigid_contrastive`` is
+                     the CLIP-style baseline. Cross-modal terms are zero for samples without a partner.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from hsfm_train.objectives.reconstruction import masked_huber, masked_mse
 from hsfm_train.objectives.spectral import lsmm_physics, masked_spectral_angle
 
 TERMS = ("mse", "huber", "sam", "physics", "decorrelation")
+JOINT_TERMS = ("degraded", "conditioned_contrastive", "rigid_contrastive", "distillation")
 
 
 @dataclass
@@ -34,12 +39,34 @@ class ObjectiveConfig:
     # data, and the LSMM term would otherwise dominate the first updates
     physics_warmup_steps: int = 0
     norm_pix: bool = False  # MAE's per-patch normalised target for mse/huber (predictions then live in that space)
+    # optical-SAR pairs (the batch's `pair`) through the one backbone: the SAR image is reconstructed too, and the
+    # cross-modal terms below apply (objective=codemae)
+    joint: bool = False
+    degraded: float = 0.0  # cross-modal degraded reconstruction (optical -> SAR channel mean, SAR -> optical luma)
+    conditioned_contrastive: float = 0.0  # cross-attention pooling + InfoNCE
+    rigid_contrastive: float = 0.0  # mean pooling + InfoNCE (CLIP-style; the baseline CoDe-MAE argues against)
+    distillation: float = 0.0  # SmoothL1 to a frozen optical teacher's tokens
+    teacher: str | None = None  # the teacher: an `hsfm export` directory
+    contrastive_temperature: float = 0.07
 
     def __post_init__(self) -> None:
         weights = {term: getattr(self, term) for term in TERMS}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise ConfigError(f"objective '{self.name}': term weights must be >= 0 with at least one > 0, "
                               f"got {weights}")
+        joint = {term: getattr(self, term) for term in JOINT_TERMS}
+        if any(w < 0 for w in joint.values()):
+            raise ConfigError(f"objective '{self.name}': term weights must be >= 0, got {joint}")
+        if any(w > 0 for w in joint.values()) and not self.joint:
+            raise ConfigError(f"objective '{self.name}': the cross-modal terms {[t for t, w in joint.items() if w]} "
+                              "need joint=true (optical-SAR pairs)")
+        if self.distillation > 0 and not self.teacher:
+            raise ConfigError(f"objective '{self.name}': distillation > 0 needs objective.teacher (an export)")
+        if not self.contrastive_temperature > 0:
+            raise ConfigError(f"objective '{self.name}': contrastive_temperature must be > 0")
+        if self.joint and (self.sam > 0 or self.physics > 0 or self.huber > 0 or self.decorrelation > 0):
+            raise ConfigError(f"objective '{self.name}': joint=true takes the masked MSE and the cross-modal terms "
+                              "only (huber, sam, physics and decorrelation are for hyperspectral cubes)")
         if self.physics_warmup_steps < 0:
             raise ConfigError(f"objective '{self.name}': physics_warmup_steps must be >= 0, "
                               f"got {self.physics_warmup_steps}")
@@ -83,4 +110,54 @@ class PretrainObjective:
         if c.decorrelation > 0:
             parts["decorrelation"] = feature_decorrelation(out.latent[:, 1:])
         loss = sum(c.weight(term, step) * value for term, value in parts.items())
+        return loss, {term: value.detach() for term, value in parts.items()}
+
+
+class JointObjective:
+    """The loss of a :class:`hsfm_train.models.codemae.JointOpticalSAR` forward on a batch whose ``hsi`` is the
+    optical image and whose ``pair`` (when present) is its SAR partner."""
+
+    def __init__(self, config: ObjectiveConfig, teacher: torch.nn.Module | None = None):
+        self.config = config
+        self.teacher = teacher
+
+    def __call__(self, model, out: dict[str, Any], batch: dict[str, Any], paired: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict]:
+        from hsfm_train.objectives.codemae import (degraded_reconstruction, feature_distillation, optical_luma,
+                                                   paired_info_nce, patch_targets, sar_channel_mean)
+
+        c = self.config
+        p = model.config.patch_size
+        parts: dict[str, torch.Tensor] = {"mse": masked_mse(out["optical"], batch["hsi"], batch["band_mask"],
+                                                            c.norm_pix)}
+        heads = [*model.optical_to_sar.parameters(), *model.sar_to_optical.parameters(),
+                 *model.pooling.parameters(), *model.rigid_projection.parameters()]
+        zero = sum(parameter.sum() * 0.0 for parameter in heads)  # unpaired batch: heads get a zero gradient
+        if "sar" in out:
+            sar_mask = torch.ones(batch["pair"].shape[:2], dtype=torch.bool, device=batch["pair"].device)
+            parts["mse_sar"] = masked_mse(out["sar"], batch["pair"], sar_mask, c.norm_pix)
+            if c.degraded > 0:
+                optical = batch["hsi"] * batch["band_std"][:, :, None, None] + batch["band_mean"][:, :, None, None]
+                luma = patch_targets(optical_luma(optical), p)
+                sar_mean = patch_targets(sar_channel_mean(batch["pair"]), p)
+                parts["degraded"] = (degraded_reconstruction(out["optical_to_sar"], sar_mean, paired)
+                                     + degraded_reconstruction(out["sar_to_optical"], luma, paired)) / 2
+            if c.conditioned_contrastive > 0:
+                parts["conditioned_contrastive"] = paired_info_nce(out["optical_conditioned"], out["sar_conditioned"],
+                                                                   paired, c.contrastive_temperature)
+            if c.rigid_contrastive > 0:
+                parts["rigid_contrastive"] = paired_info_nce(out["optical_rigid"], out["sar_rigid"], paired,
+                                                             c.contrastive_temperature)
+        else:
+            for term in ("degraded", "conditioned_contrastive", "rigid_contrastive"):
+                if getattr(c, term) > 0:
+                    parts[term] = zero
+        if c.distillation > 0:
+            with torch.no_grad():
+                teacher_tokens = self.teacher.encode(batch["hsi"], batch["wavelengths"], batch["band_mask"])[:, 1:]
+            ids = out["optical"].visible_ids  # the student's visible tokens, in its latent order
+            target = teacher_tokens.gather(1, ids.unsqueeze(-1).expand(-1, -1, teacher_tokens.shape[-1]))
+            parts["distillation"] = feature_distillation(out["distilled"], target, torch.nn.Identity())
+        weights = {"mse": c.mse, "mse_sar": c.mse, **{term: getattr(c, term) for term in JOINT_TERMS}}
+        loss = sum(weights[term] * value for term, value in parts.items()) + zero
         return loss, {term: value.detach() for term, value in parts.items()}

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from hsfm_train.config import free_mapping_overrides
 from hsfm_train.data.demo import DemoDataConfig, build_demo_shards
+from hsfm_train.data.pairs import PairShardsConfig, build_pair_shards
 from hsfm_train.data.pipeline import LoaderConfig, StreamingLoader
 from hsfm_train.data.shards import load_index
 from hsfm_train.engine.export import export_model
@@ -40,9 +42,10 @@ from hsfm_train.stages.eval_recon import (BASELINES, METRICS, EvalConfig, evalua
 class DataConfig:
     train: LoaderConfig
     eval: LoaderConfig | None = None
-    source: str = "shards"  # "demo": build demo_dir from the package's data first
+    source: str = "shards"  # "demo": build demo_dir from the package's data first; "pairs": build pairs.output_dir
     demo_dir: str = "shards/demo"
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    pairs: PairShardsConfig = field(default_factory=PairShardsConfig)  # source=pairs: optical-SAR shards
 
 
 @dataclass
@@ -131,6 +134,29 @@ def initialise_endmembers(model: torch.nn.Module, loader: StreamingLoader, confi
                         torch.from_numpy(np.asarray(wavelengths, dtype=np.float32)))
 
 
+def build_joint(config: PretrainConfig, device: torch.device):
+    """(the joint optical-SAR model, its objective with the frozen teacher when distilling)."""
+    from hsfm_train.engine.export import load_pretrained
+    from hsfm_train.models.codemae import JointHeadsConfig, JointOpticalSAR
+    from hsfm_train.objectives.pretrain import JointObjective
+
+    if config.arch != DEFAULT_ARCHITECTURE:
+        raise ConfigError(f"objective.joint trains a shared {DEFAULT_ARCHITECTURE} backbone, not arch={config.arch}")
+    if config.model.lsmm.num_endmembers:
+        raise ConfigError("objective.joint: optical-SAR pretraining has no LSMM head (set model.lsmm.num_endmembers=0)")
+    teacher = None
+    if config.objective.distillation > 0:
+        if not Path(config.objective.teacher).exists():
+            raise ConfigError(f"objective.teacher {config.objective.teacher} does not exist (an `hsfm export` "
+                              "directory: the main job writes runs/main-mae/export)")
+        teacher = load_pretrained(config.objective.teacher).eval().requires_grad_(False).to(device)
+        if teacher.config.patch_size != config.model.patch_size:
+            raise ConfigError(f"objective.teacher has {teacher.config.patch_size} px patches, the model "
+                              f"{config.model.patch_size}: distillation compares token by token")
+    heads = JointHeadsConfig(teacher_dim=teacher.config.embed_dim if teacher is not None else 0)
+    return JointOpticalSAR(config.model, heads), JointObjective(config.objective, teacher)
+
+
 @register_stage
 class PretrainStage(TrainingStage):
     name = "pretrain"
@@ -139,9 +165,9 @@ class PretrainStage(TrainingStage):
 
     @classmethod
     def load_config(cls, overrides: list[str] | None = None) -> PretrainConfig:
-        config = super().load_config(overrides)
-        if config.data.source not in ("demo", "shards"):
-            raise ConfigError(f"data.source must be 'demo' or 'shards', got {config.data.source!r}")
+        config = super().load_config(free_mapping_overrides(list(overrides or []), ("data.pairs.reader",)))
+        if config.data.source not in ("demo", "shards", "pairs"):
+            raise ConfigError(f"data.source must be 'demo', 'shards' or 'pairs', got {config.data.source!r}")
         return config
 
     def prepare(self) -> None:
@@ -149,6 +175,9 @@ class PretrainStage(TrainingStage):
         if config.data.source == "demo":
             with accelerator.main_process_first():  # one rank builds (or reuses) the demo shards, the others read
                 build_demo_shards(config.data.demo_dir, config.data.demo)
+        elif config.data.source == "pairs":
+            with accelerator.main_process_first():
+                build_pair_shards(config.data.pairs)
         train = config.data.train
         config.trainer.grad_accumulation = resolve_accumulation(config.trainer, train.batch_size,
                                                                 accelerator.num_processes)
@@ -163,10 +192,14 @@ class PretrainStage(TrainingStage):
                                   "and data.eval.augment.enabled=false")
             band_set_statistics(load_index(evaluation.shards), evaluation.shards, config.model.patch_size,
                                 evaluation.crop_size)
-        self.model = build_model(config.model, config.arch)
         self.objective = PretrainObjective(config.objective)
-        self.objective.check_model(self.model)
-        initialise_endmembers(self.model, self.loader, config)
+        if config.objective.joint:
+            self.model, self.joint_objective = build_joint(config, self.accelerator.device)
+            self.objective.check_model(self.model.backbone)
+        else:
+            self.model = build_model(config.model, config.arch)
+            self.objective.check_model(self.model)
+            initialise_endmembers(self.model, self.loader, config)
         # the figure shows one fixed held-out tile (the first evaluation batch)
         self.figure_batch = (next(iter(self._evaluation_loader()))
                              if self.has_evaluation and config.trainer.figure_every else None)
@@ -177,6 +210,8 @@ class PretrainStage(TrainingStage):
         return StreamingLoader(self.config.data.eval, rank=0, world_size=1)
 
     def step(self, model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepResult:
+        if self.config.objective.joint:
+            return self._joint_step(model, batch, generator)
         out = model(batch["hsi"], batch["wavelengths"], batch["band_mask"], generator=generator)
         state = getattr(self, "train_state", None)
         loss, parts = self.objective(self.accelerator.unwrap_model(model), out, batch,
@@ -184,11 +219,26 @@ class PretrainStage(TrainingStage):
         samples = batch["hsi"].shape[0]
         return StepResult(loss, parts, samples=samples, tokens=samples * out.token_mask.shape[1] * out.token_mask.shape[2])
 
+    def _joint_step(self, model: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepResult:
+        samples = batch["hsi"].shape[0]
+        pair = batch.get("pair")
+        out = model(batch["hsi"], batch["wavelengths"], batch["band_mask"], pair, batch.get("pair_wavelengths"),
+                    generator=generator)
+        paired = torch.full((samples,), pair is not None, dtype=torch.bool, device=batch["hsi"].device)
+        loss, parts = self.joint_objective(self.accelerator.unwrap_model(model), out, batch, paired)
+        tokens = sum(out[m].token_mask[0].numel() for m in ("optical", "sar") if m in out) * samples
+        parts["paired_fraction"] = paired.float().mean()
+        return StepResult(loss, parts, samples=samples, tokens=tokens)
+
+    def _backbone(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What reconstructs a batch's ``hsi``: the model, or a joint model's shared backbone."""
+        return self.accelerator.unwrap_model(model).backbone if self.config.objective.joint else model
+
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
         # the baselines depend only on the held-out tiles and the fixed masks, not on the weights: score them once
         cached = getattr(self, "_baseline_scores", None)
-        results = evaluate_reconstruction(model, self._evaluation_loader(), self.config.eval, self.accelerator.device,
-                                          baselines=cached is None)
+        results = evaluate_reconstruction(self._backbone(model), self._evaluation_loader(), self.config.eval,
+                                          self.accelerator.device, baselines=cached is None)
         if cached is None:
             self._baseline_scores = results["baselines"]
         else:
@@ -200,6 +250,7 @@ class PretrainStage(TrainingStage):
         if self.figure_batch is None:
             return None
         config, batch = self.config, self.figure_batch
+        model = self._backbone(model)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -231,6 +282,8 @@ class PretrainStage(TrainingStage):
 
     def export(self, model: torch.nn.Module, summary: dict[str, Any]) -> Path:
         config = self.config
+        if config.objective.joint:  # downstream work loads the shared backbone, as it loads any other
+            model = model.backbone
         return export_model(model, Path(config.output_dir) / "export", encoder_only=config.export.encoder_only,
                             normalization=self.normalization,
                             provenance={"step": summary["steps"], "samples": summary["samples"],

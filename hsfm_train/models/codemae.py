@@ -1,0 +1,68 @@
+"""The joint optical-SAR pretraining model: one shared spectral MAE for both modalities (the wavelength-aware
+tokenizer reads RGB and C-band SAR alike), plus the heads only pretraining uses. What downstream work loads is the
+backbone alone (``model.backbone``: a plain ``spectral-mae``), so every other stage reads a joint export as it
+reads any other.
+
+Heads (all trained with the backbone; a head whose loss weight is 0 stays at its initialisation):
+  ``optical_to_sar`` / ``sar_to_optical``: linear maps of the decoder features of one modality's patches to the
+  other's degraded target (p*p values per patch: the SAR channel mean, the optical luma);
+  ``pooling``: conditioned (cross-attention) pooling for the conditioned contrastive term (each sample's tokens
+  attend to its own partner's);
+  ``rigid_projection``: mean pooling + MLP for the CLIP-style contrastive baseline;
+  ``distillation``: a linear map of the student's optical tokens to the teacher's width (when there is a teacher).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hsfm_train.models.mae import ModelConfig, SpectralMAE
+from hsfm_train.objectives.codemae import ConditionedPooling
+
+
+@dataclass
+class JointHeadsConfig:
+    embedding_dim: int = 128  # the contrastive embeddings' width
+    teacher_dim: int = 0  # the distillation teacher's token width; 0: no distillation head
+
+
+class JointOpticalSAR(nn.Module):
+    def __init__(self, config: ModelConfig, heads: JointHeadsConfig | None = None):
+        super().__init__()
+        heads = heads or JointHeadsConfig()
+        self.config = config
+        self.heads_config = heads
+        self.backbone = SpectralMAE(config)
+        targets = config.patch_size ** 2
+        self.optical_to_sar = nn.Linear(config.decoder_embed_dim, targets)
+        self.sar_to_optical = nn.Linear(config.decoder_embed_dim, targets)
+        self.pooling = ConditionedPooling(config.embed_dim, config.num_heads, heads.embedding_dim)
+        self.rigid_projection = nn.Sequential(nn.Linear(config.embed_dim, config.embed_dim), nn.GELU(),
+                                              nn.Linear(config.embed_dim, heads.embedding_dim))
+        self.distillation = nn.Linear(config.embed_dim, heads.teacher_dim) if heads.teacher_dim else None
+
+    def forward(self, optical: torch.Tensor, optical_wavelengths: torch.Tensor,
+                optical_band_mask: torch.Tensor | None = None, sar: torch.Tensor | None = None,
+                sar_wavelengths: torch.Tensor | None = None, sar_band_mask: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, Any]:
+        """Masked forwards of the optical images and, when given, of their SAR partners (independent masks),
+        and every head's output: a dict (engines that hook returned tensors see them all)."""
+        out: dict[str, Any] = {"optical": self.backbone(optical, optical_wavelengths, optical_band_mask,
+                                                        generator=generator)}
+        optical_tokens = out["optical"].latent[:, 1:]  # visible tokens, cls dropped
+        out["optical_rigid"] = self.rigid_projection(optical_tokens.mean(dim=1))
+        if self.distillation is not None:
+            out["distilled"] = self.distillation(optical_tokens)
+        if sar is not None:
+            out["sar"] = self.backbone(sar, sar_wavelengths, sar_band_mask, generator=generator)
+            sar_tokens = out["sar"].latent[:, 1:]
+            out["optical_to_sar"] = self.optical_to_sar(out["optical"].decoder_features.mean(dim=1))  # [N, P, p*p]
+            out["sar_to_optical"] = self.sar_to_optical(out["sar"].decoder_features.mean(dim=1))
+            out["sar_rigid"] = self.rigid_projection(sar_tokens.mean(dim=1))
+            # per sample: each modality's tokens attend to its own partner's (the objective keeps paired rows)
+            out["optical_conditioned"] = self.pooling(optical_tokens, sar_tokens)
+            out["sar_conditioned"] = self.pooling(sar_tokens, optical_tokens)
+        return out
