@@ -11,6 +11,8 @@ Pixels are [P, B] (reflectance), endmembers [R, B], abundances [P, R].
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -210,6 +212,9 @@ def nmf_unmix(pixels: np.ndarray, count: int, seed: int = 0, iterations: int = 5
     return e.astype(np.float32), a.astype(np.float32)
 
 
+ILL_CONDITIONED = 1e3  # condition number of the labelled abundances above which the fit's scales are unreliable
+
+
 def labelled_endmembers(pixels: np.ndarray, abundances: np.ndarray, scaled: bool = False, iterations: int = 10,
                         setting: str = "the number of labelled pixels") -> np.ndarray:
     """E >= 0 [R, B] minimising ||pixels [K, B] - abundances [K, R] E|| (NNLS, one band at a time): the endmembers
@@ -234,6 +239,13 @@ def labelled_endmembers(pixels: np.ndarray, abundances: np.ndarray, scaled: bool
     if rank < count:
         raise ConfigError(f"the abundances of the {len(a)} labelled pixels span only {rank} of {count} dimensions, so "
                           f"they cannot determine the endmembers; raise {setting} or use another seed")
+    condition = singular[0] / singular[-1]
+    if condition > ILL_CONDITIONED:
+        largest = a.max(axis=0)
+        warnings.warn(f"the abundances of the {len(a)} labelled pixels are ill-conditioned (condition number "
+                      f"{condition:.0f}): material {int(largest.argmin())} makes up at most {largest.min():.3g} of "
+                      "any of them, so its endmember's scale (not its shape) is unreliable; raise "
+                      f"{setting} or use another seed", stacklevel=2)
 
     def solve(weights: np.ndarray) -> np.ndarray:
         return np.stack([nnls(weights, y[:, band])[0] for band in range(y.shape[1])], axis=1)

@@ -4,6 +4,7 @@ real USGS spectra and on Samson; the endmembers that labelled pixels imply (plai
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -128,6 +129,20 @@ def test_too_few_or_degenerate_labelled_pixels_are_refused():
     pure = np.tile([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], (3, 1))  # nothing of the third material
     with pytest.raises(ConfigError, match="span only 2 of 3"):
         labelled_endmembers(rng.random((6, 5)), pure)
+
+
+def test_labelled_pixels_that_barely_contain_a_material_are_named_as_ill_conditioned():
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0.05, 0.9, (3, 20))
+    trace = np.tile([[0.7, 0.3, 0.0], [0.2, 0.8, 0.0], [0.5, 0.5, 0.0]], (2, 1))
+    trace[:, 2] = [1e-5, 0, 2e-5, 0, 0, 1e-5]  # material 2 at 2e-5 at most
+    trace /= trace.sum(axis=1, keepdims=True)
+    with pytest.warns(UserWarning, match=r"ill-conditioned .* material 2 makes up at most 2e-05"):
+        labelled_endmembers(trace @ truth, trace)
+    well = rng.dirichlet(np.ones(3), 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a well-spread draw says nothing
+        labelled_endmembers(well @ truth, well)
 
 
 def test_the_scaled_labelled_fit_recovers_endmember_shapes_under_varying_brightness():
