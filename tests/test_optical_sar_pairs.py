@@ -128,3 +128,28 @@ def test_paired_shards_keep_one_split_and_can_mix_in_unpaired_samples(tmp_path):
                  "--unpair-fraction", "0.5", "--quiet"]) == 0
     flags = [record["has_pair"] for record in load_index(mixed)["scenes"]]
     assert len(flags) == 12 and any(flags) and not all(flags)
+
+
+def test_retrieval_centres_each_modality_so_a_shared_offset_is_not_evidence(micro_export, tmp_path, monkeypatch):
+    """Pair i's two embeddings share a small signal s_i; each modality adds its own large constant. Centred,
+    every pair is found first; raw, the constants decide."""
+    import hsfm_train.stages.eval_pairs as eval_pairs
+
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=(8, 16))
+    offsets = {"optical": np.r_[50.0, np.zeros(15)], "sar": np.r_[0.0, 50.0, np.zeros(14)]}
+    tilt = {"optical": np.linspace(0, 3, 8)[:, None] * np.r_[0, 0, 1.0, np.zeros(13)],
+            "sar": np.linspace(3, 0, 8)[:, None] * np.r_[0, 0, 1.0, np.zeros(13)]}
+
+    def fake(model, data, batch_size, device, max_tokens):
+        images = (signal + offsets[data.name] + tilt[data.name]).astype(np.float32)
+        return images, images
+
+    monkeypatch.setattr(eval_pairs, "embed_modality", fake)
+    common = [f"backbone={micro_export}", f"data.pairs={shared_file(VOLKOV)}", "data.reader.indices=[0,1,2,3,4,5,6,7]",
+              "data.crop=16", "reconstruction=false", "device=cpu"]
+    centred = eval_pairs.EvalPairsStage(eval_pairs.load_eval_pairs_config([*common, f"output_dir={tmp_path}/a"]))
+    raw = eval_pairs.EvalPairsStage(eval_pairs.load_eval_pairs_config([*common, "centre=false",
+                                                                       f"output_dir={tmp_path}/b"]))
+    assert centred.execute()["sar_to_optical_r1"] == 1.0
+    assert raw.execute()["sar_to_optical_r1"] < 0.5

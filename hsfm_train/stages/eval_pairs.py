@@ -11,7 +11,8 @@ and figures/singular_values.png.
 Each image (the ``data.crop`` px centre crop when set) is normalised per band with the statistics of the backbone
 when it knows the band set, else with those of all the chosen images of its modality, and encoded alone (no
 masking); its embedding is the mean of its patch tokens. Retrieval: cosine similarity between every SAR and every
-optical embedding; SAR -> optical Recall@k is the fraction of SAR images whose own optical image ranks among the k
+optical embedding, each modality's mean embedding over the evaluated pairs subtracted first (``centre``: without
+it, a backbone that was never aligned puts all pairs at one similarity, ~0.96, set by what every image shares); SAR -> optical Recall@k is the fraction of SAR images whose own optical image ranks among the k
 most similar (ties count against), and optical -> SAR the converse; chance is k / pairs. Effective rank (RankMe,
 Garrido et al. 2023): exp of the entropy of the L1-normalised singular values of a modality's embeddings [pairs, D],
 and of its patch tokens (at most ``max_tokens`` of them, evenly spaced); the image-level value is at most the pair
@@ -59,6 +60,7 @@ class EvalPairsConfig:
     random_model: str = "tiny"  # backbone=random without random_like: a preset of configs/model/
     seed: int = 0  # initialisation of a random backbone
     ks: list[int] = field(default_factory=lambda: [1, 5])  # Recall@k
+    centre: bool = True  # retrieval on embeddings minus their modality's mean (no labels read; see the docstring)
     batch_size: int = 8
     max_tokens: int = 25000  # patch tokens the token-level effective rank is taken over, per modality
     reconstruction: bool = True  # masked reconstruction of each modality (needs the decoder)
@@ -248,8 +250,10 @@ def eval_pairs_summary(config: EvalPairsConfig) -> dict[str, Any]:
     say(f"eval-pairs: {len(pairs)} pairs ({config.data.split}), backbone {description}")
     data = {m: prepare_modality(model, pairs, m, config.data.crop, statistics) for m in MODALITIES}
     embedded = {m: embed_modality(model, data[m], config.batch_size, device, config.max_tokens) for m in MODALITIES}
-    optical = F.normalize(torch.from_numpy(embedded["optical"][0]), dim=1)
-    sar = F.normalize(torch.from_numpy(embedded["sar"][0]), dim=1)
+    optical, sar = (torch.from_numpy(embedded[m][0]) for m in MODALITIES)
+    if config.centre:  # each modality's mean embedding out: what is common to every image is no evidence
+        optical, sar = optical - optical.mean(dim=0), sar - sar.mean(dim=0)
+    optical, sar = F.normalize(optical, dim=1), F.normalize(sar, dim=1)
     similarity = (sar @ optical.T).numpy()  # [SAR i, optical j]
     sar_to_optical = recall_at_k(similarity, config.ks)
     optical_to_sar = recall_at_k(similarity.T, config.ks)
