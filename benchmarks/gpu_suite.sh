@@ -14,7 +14,9 @@
 # copied into docs/benchmarks.md with the device name (device.txt).
 #
 # Without a GPU (CI, a laptop) the same script runs the CPU-safe parts in their quick forms, so it cannot rot
-# (step 4 on the tiny model: the large one is far too slow on a CPU).
+# (step 4 on the tiny model: the large one is far too slow on a CPU). HSFM_SUITE_SMOKE=1 (what the test suite
+# sets) shrinks those further: one warm-up and one timed step per case, batch 1, fewer bands and tiles, one probe
+# seed; every step and every output file stays, the figures are not worth reading.
 #
 # On the device tool's machine: its python3 holds torch and triton but not every dependency. Before the call,
 # here: `bash benchmarks/gpu_wheels.sh` (wheels for the missing pure-Python packages into .whl/, git-ignored) and
@@ -82,11 +84,19 @@ if [ -n "$GPU" ]; then
     echo "== bench_unmix: skipped (no Samson scene: copy it into .gpu_data/)"
   fi
 else
-  step bench_kernels 300 "$PYTHON" benchmarks/bench_kernels.py --quick --no-compile --json "$OUT_DIR/bench_kernels.json"
-  step bench_pretrain_tiny 300 "$PYTHON" benchmarks/bench_pretrain.py --quick --json "$OUT_DIR/bench_pretrain.json"
+  KERNEL_ARGS=() PRETRAIN_ARGS=() CKPT_ARGS=() PROBE_ARGS=(shots=[5] seeds=2 probes=[linear])
+  if [ "${HSFM_SUITE_SMOKE:-0}" = 1 ]; then
+    KERNEL_ARGS=(--repeats 1)
+    CKPT_ARGS=(--repeats 1 --warmup 1 --batch 1 --bands 64)
+    PRETRAIN_ARGS=("${CKPT_ARGS[@]}" --tiles 16)
+    PROBE_ARGS=(shots=[5] seeds=1 probes=[linear])
+  fi
+  step bench_kernels 300 "$PYTHON" benchmarks/bench_kernels.py --quick --no-compile \
+    ${KERNEL_ARGS[@]+"${KERNEL_ARGS[@]}"} --json "$OUT_DIR/bench_kernels.json"
+  step bench_pretrain_tiny 300 "$PYTHON" benchmarks/bench_pretrain.py --quick \
+    ${PRETRAIN_ARGS[@]+"${PRETRAIN_ARGS[@]}"} --json "$OUT_DIR/bench_pretrain.json"
   step bench_pretrain_ckpt 120 "$PYTHON" benchmarks/bench_pretrain.py --quick --sections objective --objectives mae \
-    --activation-checkpointing both --json "$OUT_DIR/bench_pretrain_ckpt.json"
-  PROBE_ARGS=(shots=[5] seeds=2 probes=[linear])
+    --activation-checkpointing both ${CKPT_ARGS[@]+"${CKPT_ARGS[@]}"} --json "$OUT_DIR/bench_pretrain_ckpt.json"
 fi
 if [ -n "$SCENE" ]; then
   step probe 180 "$PYTHON" -m hsfm_train.cli probe backbone=random "data.scene=$SCENE" "${PROBE_ARGS[@]}" \

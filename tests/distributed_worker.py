@@ -3,6 +3,10 @@ fixed global batches read once from the demo shards, each rank taking its slices
 runs at different world sizes see exactly the same samples per optimiser step.
 
     python tests/distributed_worker.py '{"demo_dir": ..., "out": ..., "accumulation": 2, "strategy": "ddp"}'
+    python tests/distributed_worker.py '{"demo_dir": ..., "runs": [{"out": ..., "accumulation": 1}, ...]}'
+
+With ``runs``, the same processes train each run in turn (a fresh model, accelerator, engine and trainer each;
+one launch instead of one per run: a launch costs far more than a micro run).
 
 Micro-batch m of rank r is slice r x accumulation + m of the global batch (the trainer numbers its masking noise
 the same way). Rank 0 writes ``out/result.json`` (the logged losses, the untrained model's evaluation) and
@@ -58,6 +62,14 @@ class SlicedBatches:
 
 
 def main(settings: dict) -> None:
+    runs = settings.get("runs") or [settings]
+    for run in runs:
+        train({"demo_dir": settings["demo_dir"], **run})
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def train(settings: dict) -> None:
     demo, out = Path(settings["demo_dir"]), Path(settings["out"])
     global_batch, steps = settings.get("global_batch", 8), settings.get("steps", 4)
     reader = StreamingLoader(LoaderConfig(shards=str(demo / "train"), batch_size=global_batch, resampled=False,
@@ -100,8 +112,6 @@ def main(settings: dict) -> None:
                       "world_size": accelerator.num_processes}
             (out / "result.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -27,13 +27,20 @@ def hsfm_script(prelude: str = "") -> list[str]:
     return [sys.executable, "-c", script]
 
 
-def run_env() -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "disabled", "HSFM_DEBUG": ""}
+# One intra-op thread: the micro model gains nothing from more, and on a busy machine OpenMP's spinning threads
+# make a run several times slower. Not the default of run(): the thread count changes float rounding, and some
+# runs are compared with numbers recorded at torch's default (tests/test_pretrain_reference.py).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-def run(args: list[str], cwd: Path, prelude: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
-    """`hsfm ARGS` in a fresh interpreter, to completion."""
-    return subprocess.run([*hsfm_script(prelude), *args], cwd=cwd, env=run_env(), capture_output=True, text=True,
+def run_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "disabled", "HSFM_DEBUG": "", **(extra or {})}
+
+
+def run(args: list[str], cwd: Path, prelude: str = "", timeout: float = 300,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`hsfm ARGS` in a fresh interpreter, to completion (``env``: variables to set on top of run_env's)."""
+    return subprocess.run([*hsfm_script(prelude), *args], cwd=cwd, env=run_env(env), capture_output=True, text=True,
                           timeout=timeout)
 
 

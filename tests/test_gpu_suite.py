@@ -1,5 +1,5 @@
 """benchmarks/gpu_suite.sh is what a developer lent a GPU runs as is; its CPU-safe parts run here, so the script
-cannot rot between GPU sessions."""
+cannot rot between GPU sessions (in its smallest form, HSFM_SUITE_SMOKE=1: every step, fewer timed steps)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT, shared_file
 def test_gpu_suite_runs_its_cpu_safe_parts(tmp_path):
     scene = shared_file("classification/indian_pines/indian_pines.npz")
     env = {**os.environ, "PYTHON": sys.executable, "HSFM_PROBE_SCENE": str(scene), "WANDB_MODE": "disabled",
-           "CUDA_VISIBLE_DEVICES": ""}
+           "CUDA_VISIBLE_DEVICES": "", "HSFM_SUITE_SMOKE": "1", "OMP_NUM_THREADS": "1"}  # no thread spinning
     result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_suite.sh"), str(tmp_path)], cwd=REPO_ROOT,
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

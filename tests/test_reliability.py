@@ -1,9 +1,12 @@
 """Runs never get lost: the kill -9 / signal / concurrent-run matrix, through the CLI in fresh interpreters.
 
 What is checked, on the micro model and the demo shards (4 batches per epoch, so checkpoints land at the first,
-a middle and the last batch of an epoch):
-* SIGKILL after any step, with 0 and 2 loader workers: the rerun takes over the dead run's lock, resumes from the
-  last checkpoint and ends with bit-identical weights, identical losses and one metrics line per step;
+a middle and the last batch of an epoch); the interrupted runs are compared with one uninterrupted 12-step run
+per loader-worker count, shared by the tests:
+* SIGKILL after any step (the first, a middle and the last of an epoch), with 0 and 2 loader workers: the rerun
+  takes over the dead run's lock and resumes from the last checkpoint; one run is killed after each of those steps
+  in turn (each rerun killed at the next), and the last rerun ends with bit-identical weights, identical losses
+  and one metrics line per step;
 * SIGKILL in the middle of a checkpoint write: ``latest`` stays on the previous checkpoint;
 * SIGTERM / SIGUSR1: a checkpoint, exit 0, and the rerun ends bit-identical;
 * a finished run (also one ending on an epoch boundary) can be extended;
@@ -14,6 +17,7 @@ a middle and the last batch of an epoch):
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import textwrap
 import time
@@ -21,9 +25,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import (assert_same_weights, error_lines, hsfm_script, losses, metrics, overrides, run, run_env)
+from tests import runs
+from tests.runs import ONE_THREAD, assert_same_weights, error_lines, hsfm_script, losses, metrics, overrides, run_env
 
 EPOCH = ["data.train.batches_per_epoch=4"]
+
+
+def run(args: list[str], cwd: Path, prelude: str = "") -> subprocess.CompletedProcess:
+    """Every run of this module on one intra-op thread (runs are only compared with each other)."""
+    return runs.run(args, cwd, prelude, env=ONE_THREAD)
+
 
 # SIGKILL (no clean-up of any kind) at the forward of optimiser step STEP + 1, i.e. after step STEP finished.
 KILL_AFTER_STEP = textwrap.dedent("""
@@ -83,45 +94,69 @@ def assert_one_line_per_step(run_dir: Path, last_step: int) -> None:
     assert steps == list(range(1, last_step + 1))
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["0-workers", "2-workers"])
-def straight_run(request, demo_dir, tmp_path_factory):
-    """An uninterrupted 10-step run with a checkpoint after every step."""
-    workers = request.param
-    output = tmp_path_factory.mktemp("straight") / "run"
-    command = ["pretrain", *overrides(demo_dir, output, "trainer.max_steps=10", "trainer.checkpoint_every=1",
-                                      f"data.train.num_workers={workers}", *EPOCH)]
-    result = run(command, output.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workers, output
+STEPS = 12  # three epochs of 4 batches: the straight run ends on an epoch boundary
 
 
-@pytest.mark.parametrize("step", [5, 6, 8], ids=["first-of-epoch", "middle-of-epoch", "last-of-epoch"])
-def test_sigkill_after_any_step_resumes_bit_identical(straight_run, demo_dir, tmp_path, step):
-    workers, straight = straight_run
+def twelve_steps(demo_dir: Path, output: Path, checkpoint_every: int = 1, workers: int = 0) -> list[str]:
+    return ["pretrain", *overrides(demo_dir, output, f"trainer.max_steps={STEPS}",
+                                   f"trainer.checkpoint_every={checkpoint_every}",
+                                   f"data.train.num_workers={workers}", *EPOCH)]
+
+
+@pytest.fixture(scope="module")
+def straight(demo_dir, tmp_path_factory):
+    """workers -> an uninterrupted 12-step run with a checkpoint after every step and that many loader workers:
+    (run directory, its result). The reference the interrupted runs must end identical to; run once per worker
+    count, shared (a test that writes into it works on a copy)."""
+    done: dict[int, tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def get(workers: int) -> tuple[Path, subprocess.CompletedProcess]:
+        if workers not in done:
+            output = tmp_path_factory.mktemp(f"straight-{workers}") / "run"
+            done[workers] = output, run(twelve_steps(demo_dir, output, workers=workers), output.parent)
+        output, result = done[workers]
+        assert result.returncode == 0, result.stderr[-3000:]
+        return output, result
+
+    return get
+
+
+KILL_POINTS = {5: "first-of-epoch", 6: "middle-of-epoch", 8: "last-of-epoch"}
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["0-workers", "2-workers"])
+def test_sigkill_after_any_step_resumes_bit_identical(straight, demo_dir, tmp_path, workers):
+    reference, _ = straight(workers)
     output = tmp_path / "run"
-    command = ["pretrain", *overrides(demo_dir, output, "trainer.max_steps=10", "trainer.checkpoint_every=1",
-                                      f"data.train.num_workers={workers}", *EPOCH)]
-    killed = run(command, tmp_path, prelude=KILL_AFTER_STEP.replace("STEP", str(step)))
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert latest_checkpoint(output) == f"step_{step:08d}"
+    command = twelve_steps(demo_dir, output, workers=workers)
+    resumed_from = 0
+    for step, where in KILL_POINTS.items():  # the run (then its rerun) dies after this step
+        # the prelude counts this process's steps: a rerun starts after the checkpoint it resumes from
+        killed = run(command, tmp_path, prelude=KILL_AFTER_STEP.replace("STEP", str(step - resumed_from)))
+        assert killed.returncode == -9, (where, killed.stderr[-3000:])
+        assert latest_checkpoint(output) == f"step_{step:08d}", where
+        if resumed_from:
+            assert_resumed_from(killed, output, resumed_from)
+        resumed_from = step
 
     resumed = run(command, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "taking over the lock of a run that is no longer running" in resumed.stdout
-    assert f"resuming {output} from step_{step:08d} (step {step} of 10)" in resumed.stdout
-    assert json.loads((output / "summary.json").read_text())["resumed_at_step"] == step
-    assert_same_weights(straight / "export", output / "export")
-    assert losses(output) == losses(straight)
-    assert_one_line_per_step(output, 10)  # the lines of the steps after the checkpoint are not repeated
+    assert_resumed_from(resumed, output, resumed_from)
+    assert json.loads((output / "summary.json").read_text())["resumed_at_step"] == resumed_from
+    assert_same_weights(reference / "export", output / "export")
+    assert losses(output) == losses(reference)
+    assert_one_line_per_step(output, STEPS)  # the lines of the steps after each checkpoint are not repeated
 
 
-def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(demo_dir, tmp_path):
-    common = ["trainer.max_steps=8", "trainer.checkpoint_every=3"]
-    straight = run(["pretrain", *overrides(demo_dir, tmp_path / "straight", *common)], tmp_path)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+def assert_resumed_from(result: subprocess.CompletedProcess, output: Path, step: int) -> None:
+    assert "taking over the lock of a run that is no longer running" in result.stdout, result.stdout[-3000:]
+    assert f"resuming {output} from step_{step:08d} (step {step} of {STEPS})" in result.stdout, result.stdout[-3000:]
 
+
+def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(straight, demo_dir, tmp_path):
+    reference, _ = straight(0)
     output = tmp_path / "interrupted"
-    command = ["pretrain", *overrides(demo_dir, output, *common)]
+    command = twelve_steps(demo_dir, output, checkpoint_every=3)
     killed = run(command, tmp_path, prelude=KILL_DURING_STEP6_SAVE)
     assert killed.returncode == -9, killed.stderr[-3000:]
     checkpoints = output / "checkpoints"
@@ -132,17 +167,16 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_checkpoint(demo_dir,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((output / "summary.json").read_text())["resumed_at_step"] == 3
     assert not any(".partial-" in p.name for p in checkpoints.iterdir())
-    assert_same_weights(tmp_path / "straight" / "export", output / "export")
-    assert losses(output) == losses(tmp_path / "straight")
+    assert_same_weights(reference / "export", output / "export")
+    assert losses(output) == losses(reference)
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
-def test_preemption_signal_saves_and_exits_cleanly_then_resume_ends_bit_identical(demo_dir, tmp_path, signal_name):
-    common = ["trainer.max_steps=6", "trainer.checkpoint_every=100"]
-    straight = run(["pretrain", *overrides(demo_dir, tmp_path / "straight", *common)], tmp_path)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+def test_preemption_signal_saves_and_exits_cleanly_then_resume_ends_bit_identical(straight, demo_dir, tmp_path,
+                                                                                   signal_name):
+    reference, _ = straight(0)
     output = tmp_path / "run"
-    command = ["pretrain", *overrides(demo_dir, output, *common)]
+    command = twelve_steps(demo_dir, output, checkpoint_every=100)  # the only checkpoint: the signal's
     stopped = run(command, tmp_path, prelude=SIGNAL_AT_STEP_4.replace("SIGNAL", signal_name))
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert f"stopped by signal {signal_name}" in stopped.stdout
@@ -153,48 +187,46 @@ def test_preemption_signal_saves_and_exits_cleanly_then_resume_ends_bit_identica
     assert "taking over" not in finished.stdout  # the stopped run released its lock
     summary = json.loads((output / "summary.json").read_text())
     assert summary["resumed_at_step"] == 4 and summary["stopped_by"] == "max_steps"
-    assert_same_weights(tmp_path / "straight" / "export", output / "export")
+    assert_same_weights(reference / "export", output / "export")
 
 
-def test_a_run_finished_on_an_epoch_boundary_can_be_extended(demo_dir, tmp_path):
-    # 4 batches per epoch: step 8 is an epoch's last batch, where the checkpoint used to be unresumable
-    output = tmp_path / "run"
-    first = run(["pretrain", *overrides(demo_dir, output, "trainer.max_steps=8", *EPOCH)], tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert f"starting a new run in {output} (8 steps)" in first.stdout
+def test_a_run_finished_on_an_epoch_boundary_can_be_extended(straight, demo_dir, tmp_path):
+    # 4 batches per epoch: step 12 is an epoch's last batch, where the checkpoint used to be unresumable
+    finished, first = straight(0)
+    assert f"starting a new run in {finished} ({STEPS} steps)" in first.stdout
     for result in (first,):
         assert "unable to detect" not in result.stdout + result.stderr  # DeepSpeed's accelerator warning
 
-    again = run(["pretrain", *overrides(demo_dir, output, "trainer.max_steps=8", *EPOCH)], tmp_path)
+    output = shutil.copytree(finished, tmp_path / "run")
+    again = run(twelve_steps(demo_dir, output), tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "already finished at step 8 (step_00000008)" in again.stdout
+    assert f"already finished at step {STEPS} (step_{STEPS:08d})" in again.stdout
 
-    extended = run(["pretrain", *overrides(demo_dir, output, "trainer.max_steps=16", *EPOCH)], tmp_path)
+    extended = run(["pretrain", *overrides(demo_dir, output, "trainer.max_steps=16", "data.train.num_workers=0",
+                                           *EPOCH)], tmp_path)
     assert extended.returncode == 0, extended.stderr[-3000:]
-    assert "resuming" in extended.stdout and "(step 8 of 16)" in extended.stdout
+    assert "resuming" in extended.stdout and f"(step {STEPS} of 16)" in extended.stdout
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["steps"] == 16 and summary["resumed_at_step"] == 8
+    assert summary["steps"] == 16 and summary["resumed_at_step"] == STEPS
     assert_one_line_per_step(output, 16)
 
 
-def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(demo_dir, tmp_path):
-    output = tmp_path / "run"
-    command = ["pretrain", *overrides(demo_dir, output, "trainer.max_steps=6", "trainer.checkpoint_every=2")]
-    first = run(command, tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(straight, demo_dir, tmp_path):
+    output = shutil.copytree(straight(0)[0], tmp_path / "run")  # finished, checkpoints kept at 10, 11 and 12
+    command = twelve_steps(demo_dir, output)
     reference = tmp_path / "reference"
     (output / "export").rename(reference)
-    weights = output / "checkpoints" / "step_00000006" / "model.safetensors"
+    weights = output / "checkpoints" / "step_00000012" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
     weights.write_bytes(bytes(data))
 
     rerun = run(command, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "cannot resume from step_00000006" in rerun.stderr and "sha256" in rerun.stderr
-    assert "falling back to the previous checkpoint step_00000004" in rerun.stderr
-    assert "from step_00000004 (step 4 of 6)" in rerun.stdout
-    assert_same_weights(reference, output / "export")  # steps 5 and 6 replayed exactly
+    assert "cannot resume from step_00000012" in rerun.stderr and "sha256" in rerun.stderr
+    assert "falling back to the previous checkpoint step_00000011" in rerun.stderr
+    assert "from step_00000011 (step 11 of 12)" in rerun.stdout
+    assert_same_weights(reference, output / "export")  # step 12 replayed exactly
 
 
 def test_a_second_run_on_a_running_output_dir_is_refused_without_harm(demo_dir, tmp_path):
@@ -202,7 +234,7 @@ def test_a_second_run_on_a_running_output_dir_is_refused_without_harm(demo_dir, 
     release = tmp_path / "release"
     command = overrides(demo_dir, output, "trainer.max_steps=12", "trainer.checkpoint_every=1", *EPOCH)
     first = subprocess.Popen([*hsfm_script(PAUSE_AT_STEP_5.replace('"RELEASE"', repr(str(release)))),
-                              "pretrain", *command], cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE,
+                              "pretrain", *command], cwd=tmp_path, env=run_env(ONE_THREAD), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
