@@ -153,3 +153,28 @@ def test_retrieval_centres_each_modality_so_a_shared_offset_is_not_evidence(micr
                                                                        f"output_dir={tmp_path}/b"]))
     assert centred.execute()["sar_to_optical_r1"] == 1.0
     assert raw.execute()["sar_to_optical_r1"] < 0.5
+
+
+def test_tiles_cut_every_pair_into_its_own_smaller_pairs():
+    from hsfm_train.data.pairs import ImagePair
+    from hsfm_train.stages.eval_pairs import tile_pairs
+
+    optical = np.arange(10 * 9 * 3, dtype=np.float32).reshape(10, 9, 3)
+    pair = ImagePair("p", "src", optical, np.array([490.0, 560.0, 665.0]), optical[..., :1] * 2, np.array([5.5e7]))
+    tiles = tile_pairs([pair], 4)
+    assert [t.name for t in tiles] == ["p/r0c0", "p/r0c1", "p/r1c0", "p/r1c1"]  # the 2 px remainders dropped
+    assert all(t.source == "src" and t.optical.shape == (4, 4, 3) and t.sar.shape == (4, 4, 1) for t in tiles)
+    np.testing.assert_array_equal(tiles[3].optical, optical[4:8, 4:8])
+    np.testing.assert_array_equal(tiles[2].sar, optical[4:8, 0:4, :1] * 2)  # SAR cut at the same place
+    with pytest.raises(Exception, match="exceeds"):
+        tile_pairs([pair], 12)
+
+
+def test_a_tiled_run_scores_every_tile_as_a_pair(micro_export, tmp_path):
+    out = tmp_path / "tiled"
+    assert main(["eval-pairs", f"backbone={micro_export}", f"data.pairs={shared_file(VOLKOV)}",
+                 "data.reader.indices=[0,1]", "data.crop=32", "data.tile=16", "reconstruction=false", "device=cpu",
+                 f"output_dir={out}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["pairs"], summary["images"], summary["tile"]) == (8, 2, 16)
+    assert summary["chance_r1"] == pytest.approx(1 / 8)

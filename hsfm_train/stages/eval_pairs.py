@@ -8,7 +8,9 @@
 From Python: ``run_eval_pairs(load_eval_pairs_config([...overrides]))``. Outputs in ``output_dir``: summary.json
 and figures/singular_values.png.
 
-Each image (the ``data.crop`` px centre crop when set) is normalised per band with the statistics of the backbone
+Each image (the ``data.crop`` px centre crop when set; with ``data.tile`` each of its non-overlapping tiles, as a
+pair of its own: more pairs, a harder and less noisy retrieval at the tile size a backbone was trained on) is
+normalised per band with the statistics of the backbone
 when it knows the band set, else with those of all the chosen images of its modality, and encoded alone (no
 masking); its embedding is the mean of its patch tokens. Retrieval: cosine similarity between every SAR and every
 optical embedding, each modality's mean embedding over the evaluated pairs subtracted first (``centre``: without
@@ -23,7 +25,7 @@ PSNR / SSIM of each modality's masked patches, beside copying the nearest visibl
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ class EvalPairsDataConfig:
     split: str = "all"  # "all", "held_out" or "train" (by source image; hsfm_train/data/pairs.py)
     held_out_fraction: float = 0.2
     crop: int = 0  # px; 0: whole images
+    tile: int = 0  # px; > 0: every image (after the crop) cut into non-overlapping tiles, each tile one pair
 
 
 @dataclass
@@ -101,8 +104,9 @@ def config_problems(config: EvalPairsConfig) -> list[str]:
         problems.append(f"data.split must be one of {list(SPLITS)}, got {config.data.split!r}")
     if not 0.0 < config.data.held_out_fraction < 1.0:
         problems.append(f"data.held_out_fraction must be in (0, 1), got {config.data.held_out_fraction}")
-    if config.data.crop < 0:
-        problems.append(f"data.crop must be >= 0 px, got {config.data.crop}")
+    for name in ("crop", "tile"):
+        if getattr(config.data, name) < 0:
+            problems.append(f"data.{name} must be >= 0 px, got {getattr(config.data, name)}")
     if not config.ks or any(k < 1 for k in config.ks):
         problems.append(f"ks must be positive ranks, got {config.ks}")
     for name in ("batch_size", "max_tokens"):
@@ -156,6 +160,25 @@ def _centre_crop(image: np.ndarray, crop: int) -> np.ndarray:
         raise DataFormatError(f"data.crop={crop} exceeds an image of {height}x{width}")
     top, left = (height - crop) // 2, (width - crop) // 2
     return image[top:top + crop, left:left + crop]
+
+
+def tile_pairs(pairs: list[ImagePair], tile: int) -> list[ImagePair]:
+    """Each pair cut into its non-overlapping ``tile`` px tiles (row-major; a remainder at the right or bottom edge
+    is dropped), each tile a pair named ``<pair>/r<row>c<col>`` of the same source."""
+    tiles = []
+    for pair in pairs:
+        height, width = pair.optical.shape[:2]
+        if pair.sar.shape[:2] != (height, width):
+            raise DataFormatError(f"pair {pair.name}: optical {height}x{width} and SAR {pair.sar.shape[:2]} differ "
+                                  "in size; data.tile needs co-registered images of one size")
+        if tile > min(height, width):
+            raise DataFormatError(f"data.tile={tile} exceeds pair {pair.name}'s {height}x{width} images")
+        for top in range(0, height - tile + 1, tile):
+            for left in range(0, width - tile + 1, tile):
+                window = np.s_[top:top + tile, left:left + tile]
+                tiles.append(replace(pair, name=f"{pair.name}/r{top // tile}c{left // tile}",
+                                     optical=pair.optical[window], sar=pair.sar[window]))
+    return tiles
 
 
 @dataclass
@@ -248,7 +271,13 @@ def eval_pairs_summary(config: EvalPairsConfig) -> dict[str, Any]:
         raise DataFormatError(f"data.pairs {config.data.pairs} (split {config.data.split}): {len(pairs)} pairs; "
                               "retrieval needs at least 2")
     say(f"eval-pairs: {len(pairs)} pairs ({config.data.split}), backbone {description}")
-    data = {m: prepare_modality(model, pairs, m, config.data.crop, statistics) for m in MODALITIES}
+    images = len(pairs)
+    if config.data.tile:
+        pairs = tile_pairs([replace(p, optical=_centre_crop(p.optical, config.data.crop),
+                                    sar=_centre_crop(p.sar, config.data.crop)) for p in pairs], config.data.tile)
+        say(f"eval-pairs: data.tile={config.data.tile}: {len(pairs)} tile pairs from {images} image pairs")
+    data = {m: prepare_modality(model, pairs, m, 0 if config.data.tile else config.data.crop, statistics)
+            for m in MODALITIES}
     embedded = {m: embed_modality(model, data[m], config.batch_size, device, config.max_tokens) for m in MODALITIES}
     optical, sar = (torch.from_numpy(embedded[m][0]) for m in MODALITIES)
     if config.centre:  # each modality's mean embedding out: what is common to every image is no evidence
@@ -257,8 +286,8 @@ def eval_pairs_summary(config: EvalPairsConfig) -> dict[str, Any]:
     similarity = (sar @ optical.T).numpy()  # [SAR i, optical j]
     sar_to_optical = recall_at_k(similarity, config.ks)
     optical_to_sar = recall_at_k(similarity.T, config.ks)
-    summary: dict[str, Any] = {"pairs": len(pairs), "split": config.data.split, "backbone": description,
-                               "data": str(config.data.pairs)}
+    summary: dict[str, Any] = {"pairs": len(pairs), "images": images, "tile": config.data.tile,
+                               "split": config.data.split, "backbone": description, "data": str(config.data.pairs)}
     for k in config.ks:
         summary[f"sar_to_optical_r{k}"] = sar_to_optical[k]
         summary[f"optical_to_sar_r{k}"] = optical_to_sar[k]
@@ -316,7 +345,8 @@ class EvalPairsStage(Stage):
 
 def format_eval_pairs_summary(summary: dict[str, Any]) -> str:
     ks = summary["config"]["ks"]
-    lines = [f"{summary['pairs']} optical-SAR pairs ({summary['split']}); backbone {summary['backbone']}"]
+    tiles = f" ({summary['tile']} px tiles of {summary['images']} image pairs)" if summary.get("tile") else ""
+    lines = [f"{summary['pairs']} optical-SAR pairs{tiles} ({summary['split']}); backbone {summary['backbone']}"]
     for direction, label in (("sar_to_optical", "SAR -> optical"), ("optical_to_sar", "optical -> SAR")):
         cells = ", ".join(f"R@{k} {100 * summary[f'{direction}_r{k}']:.1f} % (chance {100 * summary[f'chance_r{k}']:.1f})"
                           for k in ks)
