@@ -44,6 +44,11 @@ class JointOpticalSAR(nn.Module):
                                               nn.Linear(config.embed_dim, heads.embedding_dim))
         self.distillation = nn.Linear(config.embed_dim, heads.teacher_dim) if heads.teacher_dim else None
 
+    def cross_modal_parameters(self) -> list[nn.Parameter]:
+        """The heads only a paired sample trains (cross-modal reconstruction and both contrastive heads)."""
+        return [parameter for head in (self.optical_to_sar, self.sar_to_optical, self.pooling, self.rigid_projection)
+                for parameter in head.parameters()]
+
     def forward(self, optical: torch.Tensor, optical_wavelengths: torch.Tensor,
                 optical_band_mask: torch.Tensor | None = None, sar: torch.Tensor | None = None,
                 sar_wavelengths: torch.Tensor | None = None, sar_band_mask: torch.Tensor | None = None,

@@ -130,9 +130,8 @@ class JointObjective:
         p = model.config.patch_size
         parts: dict[str, torch.Tensor] = {"mse": masked_mse(out["optical"], batch["hsi"], batch["band_mask"],
                                                             c.norm_pix)}
-        heads = [*model.optical_to_sar.parameters(), *model.sar_to_optical.parameters(),
-                 *model.pooling.parameters(), *model.rigid_projection.parameters()]
-        zero = sum(parameter.sum() * 0.0 for parameter in heads)  # unpaired batch: heads get a zero gradient
+        # an unpaired batch: the cross-modal heads get a zero gradient (every rank's DDP reducer expects one)
+        zero = sum(parameter.sum() * 0.0 for parameter in model.cross_modal_parameters())
         if "sar" in out:
             sar_mask = torch.ones(batch["pair"].shape[:2], dtype=torch.bool, device=batch["pair"].device)
             parts["mse_sar"] = masked_mse(out["sar"], batch["pair"], sar_mask, c.norm_pix)
