@@ -231,13 +231,15 @@ def classification_scores(y_true, y_pred, classes) -> dict:
             "kappa": kappa, "confusion": confusion}
 
 
-def effective_rank(features: Any, max_rows: int = 4096) -> float:
-    """Effective rank of a feature matrix [N, F] (Roy & Vetterli 2007): exp of the entropy of its normalised
-    singular values after centring; F for perfectly spread features, 1 for features on one line. At most
-    ``max_rows`` evenly spaced rows are used, enough for a stable value and cheap on large scenes."""
+def effective_rank(features: Any, max_rows: int | None = 4096, centre: bool = True) -> float:
+    """Effective rank of a feature matrix [N, F] (Roy & Vetterli 2007): exp of the entropy of its L1-normalised
+    singular values, after centring unless ``centre`` is false (RankMe, Garrido et al. 2023, does not centre);
+    F for perfectly spread features, 1 for features on one line. At most ``max_rows`` evenly spaced rows are used
+    (None: all), enough for a stable value and cheap on large scenes."""
     x = np.asarray(features, dtype=np.float64)
-    x = x[:: max(1, len(x) // max_rows)]
-    singular = np.linalg.svd(x - x.mean(axis=0), compute_uv=False)
+    if max_rows is not None:
+        x = x[:: max(1, len(x) // max_rows)]
+    singular = np.linalg.svd(x - x.mean(axis=0) if centre else x, compute_uv=False)
     if singular.sum() <= 0:
         return 0.0
     p = singular / singular.sum()

@@ -14,7 +14,8 @@ from hsfm_train.data.pairs import held_out, read_pairs, select_split
 from hsfm_train.engine.export import export_model
 from hsfm_train.errors import ConfigError
 from hsfm_train.models.mae import ModelConfig, SpectralMAE
-from hsfm_train.stages.eval_pairs import EvalPairsStage, rankme, recall_at_k
+from hsfm_train.metrics import effective_rank
+from hsfm_train.stages.eval_pairs import EvalPairsStage, recall_at_k
 from tests.conftest import shared_file
 
 VOLKOV = "optical_sar/volkov_s1s2_aligned/volkov_s1s2_256.npz"
@@ -40,9 +41,11 @@ def test_recall_at_k_and_rankme_by_hand():
                            [0.8, 0.5, 0.0],  # the correct column is second
                            [0.3, 0.3, 0.3]])  # a three-way tie counts against
     assert recall_at_k(similarity, [1, 2, 3]) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
-    assert rankme(np.eye(6)[:, :4] * 3.0) == pytest.approx(4.0, rel=1e-6)  # four equal singular values
+    assert effective_rank(np.eye(6)[:, :4] * 3.0, centre=False) == pytest.approx(4.0, rel=1e-6)  # four equal singular values
     line = np.outer(np.arange(1, 9), np.ones(5))
-    assert rankme(line) == pytest.approx(1.0, rel=1e-6)
+    assert effective_rank(line, centre=False) == pytest.approx(1.0, rel=1e-6)
+    shared = np.eye(6)[:, :4] + 10.0  # what every row shares dominates RankMe; centring removes it
+    assert effective_rank(shared, centre=False) < 1.5 < effective_rank(shared)
 
 
 def test_a_manifest_of_png_pairs_is_read_with_its_options(tmp_path):

@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hsfm_train.config import CONFIG_DIR, compose, free_mapping_overrides
+from hsfm_train.config import compose, free_mapping_overrides
 from hsfm_train.data.pairs import SPLITS, ImagePair, read_pairs, select_split
 from hsfm_train.engine.run_records import torch_device
 from hsfm_train.errors import ConfigError, DataFormatError
 from hsfm_train.io import jsonable
 from hsfm_train.metrics import effective_rank
 from hsfm_train.stages.base import Stage, register_stage, say
-from hsfm_train.stages.probe import backbone_from, normalise_for_model
+from hsfm_train.stages.probe import backbone_from, backbone_problems, missing_backbone, normalise_for_model
 
 MODALITIES = ("optical", "sar")
 
@@ -89,11 +89,7 @@ def input_problems(config: EvalPairsConfig) -> list[str]:
         problems.append("data.pairs must be set (an optical-SAR .npz stack or a YAML manifest)")
     elif not Path(config.data.pairs).exists():
         problems.append(f"data.pairs {config.data.pairs} does not exist")
-    if config.backbone == "random":
-        if config.random_like is not None and not Path(config.random_like).exists():
-            problems.append(f"random_like export {config.random_like} does not exist")
-    elif not Path(config.backbone).exists():
-        problems.append(f"backbone {config.backbone} does not exist (an `hsfm export` directory, or random)")
+    problems += missing_backbone(config.backbone, config.random_like)
     return problems
 
 
@@ -114,11 +110,7 @@ def config_problems(config: EvalPairsConfig) -> list[str]:
             problems.append(f"{name} must be >= 1, got {getattr(config, name)}")
     if not 0.0 < config.mask_ratio < 1.0:
         problems.append(f"mask_ratio must be in (0, 1), got {config.mask_ratio}")
-    if config.backbone == "random":
-        if config.random_like is None and not (CONFIG_DIR / "model" / f"{config.random_model}.yaml").exists():
-            problems.append(f"random_model {config.random_model!r} is not a preset of configs/model/")
-    elif config.random_like is not None:
-        problems.append("random_like only applies to backbone=random")
+    problems += backbone_problems(config.backbone, config.random_like, config.random_model)
     return problems
 
 
@@ -132,16 +124,6 @@ def recall_at_k(similarity: np.ndarray, ks: list[int]) -> dict[int, float]:
     own = np.diag(similarity)[:, None]
     rank = (similarity >= own).sum(axis=1) - 1  # columns at least as similar, the correct one left out
     return {k: float(np.mean(rank < k)) for k in ks}
-
-
-def rankme(embeddings: np.ndarray) -> float:
-    """RankMe: exp of the entropy of the L1-normalised singular values of ``embeddings`` [N, D] (not centred)."""
-    singular = np.linalg.svd(np.asarray(embeddings, dtype=np.float64), compute_uv=False)
-    total = singular.sum()
-    if total <= 0:
-        return 0.0
-    p = singular / total + 1e-12
-    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 def singular_values(embeddings: np.ndarray) -> np.ndarray:
@@ -295,8 +277,8 @@ def eval_pairs_summary(config: EvalPairsConfig) -> dict[str, Any]:
     spectra = {}
     for modality in MODALITIES:
         images, tokens = embedded[modality]
-        summary[f"effective_rank_{modality}"] = rankme(images)
-        summary[f"effective_rank_tokens_{modality}"] = rankme(tokens)
+        summary[f"effective_rank_{modality}"] = effective_rank(images, max_rows=None, centre=False)  # RankMe
+        summary[f"effective_rank_tokens_{modality}"] = effective_rank(tokens, max_rows=None, centre=False)
         summary[f"embedding_dim_{modality}"] = int(images.shape[1])
         summary[f"normalisation_{modality}"] = data[modality].normalisation
         spectra[f"{modality} images"] = singular_values(images)

@@ -87,7 +87,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hsfm_train.config import CONFIG_DIR, compose, free_mapping_overrides
+from hsfm_train.config import compose, free_mapping_overrides
 from hsfm_train.errors import ConfigError, DataFormatError, HsfmError
 from hsfm_train.fewshot.adapters import AdapterConfig, apply_adapter, parameter_report
 from hsfm_train.fewshot.embedder import (READOUTS, WINDOW_READOUTS, Domain, EmbeddingRunner, FewshotEmbedder,
@@ -100,7 +100,7 @@ from hsfm_train.engine.run_records import finished_run, run_arrays_path, torch_d
 from hsfm_train.io import jsonable, write_atomic, write_json_atomic
 from hsfm_train.metrics import classification_scores, mean_std
 from hsfm_train.stages.base import Stage, register_stage, say
-from hsfm_train.stages.probe import load_backbone, normalise_for_model
+from hsfm_train.stages.probe import backbone_problems, load_backbone, missing_backbone, normalise_for_model
 
 MODES = ("transductive", "inductive")
 PREDICTORS = ("auto", "prototype", "propagation")
@@ -270,24 +270,14 @@ def config_problems(config: FewshotConfig) -> list[str]:
             problems.append(f"{name} must be >= 0, got {getattr(config, name)}")
     if config.episodes.n_way:
         problems.append("episodes.n_way is set per source (min(target classes, source classes)); leave it 0")
-    if config.backbone == "random":
-        if config.random_like is None and not (CONFIG_DIR / "model" / f"{config.random_model}.yaml").exists():
-            presets = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-            problems.append(f"random_model {config.random_model!r} is not a preset of configs/model/ ({presets})")
-    elif config.random_like is not None:
-        problems.append("random_like only applies to backbone=random")
+    problems += backbone_problems(config.backbone, config.random_like, config.random_model)
     return problems
 
 
 def input_problems(config: FewshotConfig) -> list[str]:
     """Every input that is unset or missing, or (an .npz, whose arrays are listed without reading them) has no
     labels or ground truth. What only reading a file tells is checked by :func:`read_inputs`."""
-    problems = []
-    if config.backbone == "random":
-        if config.random_like is not None and not Path(config.random_like).exists():
-            problems.append(f"random_like export {config.random_like} does not exist")
-    elif not Path(config.backbone).exists():
-        problems.append(f"backbone {config.backbone} does not exist (an `hsfm export` directory, or random)")
+    problems = missing_backbone(config.backbone, config.random_like)
     if config.data.target in ("???", "", None):
         problems.append("data.target must be set (a scene file with labels)")
     elif not Path(config.data.target).exists():

@@ -105,13 +105,7 @@ def check_probe_config(config: ProbeConfig) -> None:
         problems.append(f"knn_k must be >= 1, got {config.knn_k}")
     if config.tile_overlap < 0 or config.tile_overlap >= config.tile_size:
         problems.append(f"tile_overlap must be in [0, tile_size={config.tile_size}), got {config.tile_overlap}")
-    if config.backbone == "random":
-        if config.random_like is None and not (CONFIG_DIR / "model" / f"{config.random_model}.yaml").exists():
-            presets = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-            problems.append(f"random_model {config.random_model!r} is not a preset of configs/model/ ({presets})")
-    elif config.random_like is not None:
-        problems.append("random_like only applies to backbone=random (the control of an export is always "
-                        "the export's own architecture)")
+    problems += backbone_problems(config.backbone, config.random_like, config.random_model)
     if config.split is not None and not Path(config.split).exists():
         problems.append(f"split file {config.split} does not exist")
     if problems:
@@ -153,6 +147,29 @@ def load_backbone(config: ProbeConfig) -> tuple[torch.nn.Module, dict[str, Any] 
         raise ConfigError(f"readout=decoder needs a backbone exported with its decoder; {config.backbone} is "
                           "encoder-only")
     return model, statistics, description
+
+
+def backbone_problems(backbone: str, random_like: str | None, random_preset: str) -> list[str]:
+    """What :func:`backbone_from` would refuse in these settings (nothing is read)."""
+    problems = []
+    if backbone == "random":
+        if random_like is None and not (CONFIG_DIR / "model" / f"{random_preset}.yaml").exists():
+            presets = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+            problems.append(f"random_model {random_preset!r} is not a preset of configs/model/ ({presets})")
+    elif random_like is not None:
+        problems.append("random_like only applies to backbone=random (the control of an export is always "
+                        "the export's own architecture)")
+    return problems
+
+
+def missing_backbone(backbone: str, random_like: str | None) -> list[str]:
+    """The exports :func:`backbone_from` would read that do not exist."""
+    if backbone == "random":
+        if random_like is not None and not Path(random_like).exists():
+            return [f"random_like export {random_like} does not exist"]
+    elif not Path(backbone).exists():
+        return [f"backbone {backbone} does not exist (an `hsfm export` directory, or random)"]
+    return []
 
 
 def backbone_from(backbone: str, random_like: str | None, random_preset: str, seed: int, with_decoder: bool
