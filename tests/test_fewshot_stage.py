@@ -318,6 +318,8 @@ def test_finished_seeds_are_reused_and_a_changed_setting_redoes_them(crop, micro
     more = fewshot_run(tmp_path, *common, "seeds=2")
     assert calls == [1] and more["runs_reused"] == 1 and more["seeds"] == 2 and more["complete"]
     assert more["per_seed"][0] == first["per_seed"][0]
+    assert fewshot_run(tmp_path, *common, "seeds=2", "device=cpu")["runs_reused"] == 2  # auto resolved to cpu here
+    assert calls == [1]
     changed = fewshot_run(tmp_path, *common, "seeds=2", "target_episodes=3")
     assert calls == [1, 0, 1] and changed["runs_reused"] == 0
 

@@ -170,6 +170,8 @@ def test_finished_runs_are_kept_and_reused(samson_crop, tmp_path, monkeypatch):
     more = unmix(tmp_path, "method=nmf", f"data.scene={samson_crop}", "runs=3")
     assert calls == [2] and more["runs_reused"] == 2 and more["runs"] == 3
     assert more["per_run"][:2] == json.loads(json.dumps(first["per_run"]))
+    assert unmix(tmp_path, "method=nmf", f"data.scene={samson_crop}", "runs=3", "device=cpu")["runs_reused"] == 3
+    assert calls == [2]  # "auto" resolves to the cpu here: the same runs
     changed = unmix(tmp_path, "method=nmf", f"data.scene={samson_crop}", "runs=3", "nmf.iterations=20")
     assert calls == [2, 0, 1, 2] and changed["runs_reused"] == 0
 

@@ -317,8 +317,11 @@ def predictor(config: FewshotConfig) -> str:
 
 
 def run_identity(config: FewshotConfig) -> dict[str, Any]:
-    """What a finished seed must share with the run that reuses it."""
-    return {k: v for k, v in jsonable(asdict(config)).items() if k not in ("seeds", "output_dir", "name")}
+    """What a finished seed must share with the run that reuses it (the device as resolved: ``auto`` on a CPU
+    machine computes what ``cpu`` does)."""
+    identity = {k: v for k, v in jsonable(asdict(config)).items() if k not in ("seeds", "output_dir", "name")}
+    identity["device"] = str(torch_device(config.device))
+    return identity
 
 
 # ------------------------------------------------------------------------------------------------- inputs

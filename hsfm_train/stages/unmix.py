@@ -34,7 +34,7 @@ import numpy as np
 
 from hsfm_train.config import compose, free_mapping_overrides
 from hsfm_train.errors import ConfigError, DataFormatError
-from hsfm_train.engine.run_records import finished_run, run_arrays_path, write_run_record
+from hsfm_train.engine.run_records import finished_run, run_arrays_path, torch_device, write_run_record
 from hsfm_train.io import write_atomic, write_json_atomic
 from hsfm_train.metrics import summarise_runs, unmixing_scores
 from hsfm_train.stages.base import Stage, register_stage
@@ -188,7 +188,9 @@ _NOT_IN_RUN_IDENTITY = ("runs", "output_dir", "figures", "name")
 
 
 def run_identity(config: UnmixConfig) -> dict[str, Any]:
-    return {key: value for key, value in asdict(config).items() if key not in _NOT_IN_RUN_IDENTITY}
+    identity = {key: value for key, value in asdict(config).items() if key not in _NOT_IN_RUN_IDENTITY}
+    identity["device"] = str(torch_device(config.device))  # as resolved: "auto" on a CPU machine is "cpu"
+    return identity
 
 
 def run_unmixing(config: UnmixConfig) -> dict[str, Any]:
