@@ -3,6 +3,7 @@ gradients; one encoding per scene and step; crops of a source scene addressed by
 A micro random backbone on a crop of real Salinas-A: these tests check the machinery, not accuracy."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -135,3 +136,33 @@ def test_source_episodes_of_the_tile_readout_lie_in_one_crop(domain):
         local = np.concatenate([draw.episode.support_labels, draw.episode.query_labels])
         for position in range(draw.n_way):
             assert len(np.unique(labels[pixels[local == position]])) == 1
+
+
+def test_the_joint_readout_is_the_tile_feature_beside_the_window_centre(domain, backbone):
+    """readout=tile+centre: the head reads [tile feature, window centre token] of the same adapted backbone,
+    each exactly what its own readout gives; both blocks train the adapter; a crop addresses windows in the
+    whole scene (a window near the crop's edge still sees the pixels beyond it)."""
+    joint = build_embedder(backbone, AdapterConfig(kind="cp"), 16, "tile+centre", 5, seed=0)
+    tile = build_embedder(backbone, AdapterConfig(kind="cp"), 16, "tile", 5, seed=0)
+    centre = build_embedder(backbone, AdapterConfig(kind="cp"), 16, "centre", 5, seed=0)
+    assert joint.head.in_features == 2 * backbone.config.embed_dim and joint.reads_tiles and joint.reads_windows
+    pixels = np.array([0, 23, 250, domain.shape[0] * domain.shape[1] - 1])
+    features = {}
+    for name, embedder in (("joint", copy.deepcopy(joint)), ("tile", tile), ("centre", centre)):
+        embedder.head = torch.nn.Identity()  # the features the head reads
+        features[name] = EmbeddingRunner(embedder, torch.device("cpu")).embed_all(domain, pixels)
+    torch.testing.assert_close(features["joint"], torch.cat([features["tile"], features["centre"]], dim=1))
+    runner = EmbeddingRunner(joint, torch.device("cpu"))
+    runner.embed(domain, pixels).pow(2).sum().backward()
+    coalescent = [p for n, p in joint.named_parameters() if "coalescent" in n]
+    assert coalescent and all(p.grad is not None and p.grad.abs().sum() > 0 for p in coalescent)
+    # inside a crop: the tile block reads the crop alone, the window block the scene around the pixel
+    window = (5, 7, 12, 10)
+    inside = np.array([5 * domain.shape[1] + 7])  # the crop's top-left pixel
+    joint.head = torch.nn.Identity()
+    with torch.no_grad():
+        cropped = EmbeddingRunner(joint, runner.device).embed(domain, inside, window)
+        whole = EmbeddingRunner(joint, runner.device).embed(domain, inside)
+    d = backbone.config.embed_dim
+    torch.testing.assert_close(cropped[:, d:], whole[:, d:])  # the same window
+    assert not torch.allclose(cropped[:, :d], whole[:, :d])  # a different context

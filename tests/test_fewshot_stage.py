@@ -241,7 +241,8 @@ def test_a_ground_truth_only_source_runs_with_mixup_and_records_lambda(crop, urb
     assert 4 in mixed_inputs  # pca_bands: one band count, so the patches were mixed too
 
 
-def test_the_tile_readout_runs_with_a_source_crop_and_mixes_embeddings_only(crop, urban_crop, micro_export,
+@pytest.mark.parametrize("readout", ["tile", "tile+centre"])
+def test_the_tile_readout_runs_with_a_source_crop_and_mixes_embeddings_only(readout, crop, urban_crop, micro_export,
                                                                            tmp_path, monkeypatch):
     mixed_inputs = []
     mix = fewshot.mix
@@ -251,9 +252,9 @@ def test_the_tile_readout_runs_with_a_source_crop_and_mixes_embeddings_only(crop
     monkeypatch.setattr(fewshot, "crop_source_episode",
                         lambda *a, **k: windows.append(crop_episode(*a, **k)) or windows[-1])
     summary = fewshot_run(tmp_path, f"backbone={micro_export}", f"data.target={crop}", f"data.source=[{urban_crop}]",
-                          "data.source_reader.sensor_preset=hydice_urban162", "readout=tile", "source_crop=12",
+                          "data.source_reader.sensor_preset=hydice_urban162", f"readout={readout}", "source_crop=12",
                           "seeds=1")
-    assert summary["readout"] == "tile" and summary["mixup_da"]
+    assert summary["readout"] == readout and summary["mixup_da"]
     record = summary["per_seed"][0]
     assert record["mixup_episodes"] == 4 and record["loss"]["source"]["episodes"] == 3
     assert len(windows) == 3 + 4 and all(draw.window[2:] == (12, 12) for draw in windows)

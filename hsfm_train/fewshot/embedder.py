@@ -1,6 +1,6 @@
 """Pixel embeddings for few-shot classification: an adapted frozen backbone, a readout and a trainable head.
 
-Two ways to give a pixel spatial context:
+Three ways to give a pixel spatial context:
 
 * a window readout (``centre`` / ``mean``): the backbone encodes the ``window`` x ``window`` patch around each
   pixel on its own, and the pixel is read from that patch's tokens;
@@ -9,7 +9,10 @@ Two ways to give a pixel spatial context:
   overlap, as ``hsfm probe`` reads its features; each spectral group's tokens form a grid over the scene, the
   groups are averaged, and a pixel's feature is the grid sampled bilinearly at the pixel's centre
   (align_corners=False, border-clamped: the probe's upsampling evaluated at chosen pixels only). The forward is
-  differentiable, so the adapter trains with the context the probe has.
+  differentiable, so the adapter trains with the context the probe has;
+* ``tile+centre``: both, side by side: the pixel's tile feature and its window's centre token, concatenated
+  (the head reads 2 D features). The tile carries the scene context (what Indian Pines needs), the window the
+  pixel's own fine spectrum (what pure fields such as Salinas-A's need).
 
 :class:`EmbeddingRunner` moves inputs to the device and, for the tile readout, encodes a scene once per training
 step however many pixel sets are read from it (call :meth:`EmbeddingRunner.forget` after each optimiser step).
@@ -28,8 +31,8 @@ from torch.nn import functional as F
 from hsfm_train.fewshot.adapters import AdapterConfig, apply_adapter
 from hsfm_train.fewshot.episodes import patches_at
 
-READOUTS = ("centre", "mean", "tile")
-WINDOW_READOUTS = ("centre", "mean")
+READOUTS = ("centre", "mean", "tile", "tile+centre")
+WINDOW_READOUTS = ("centre", "mean")  # the readouts that read windows only (input-level mixup applies to them)
 EMBED_BATCH = 256  # patches per forward pass when embedding without grad (window readouts)
 
 Window = tuple[int, int, int, int]  # (first row, first column, height, width) of a crop, in pixels
@@ -82,7 +85,10 @@ class FewshotEmbedder(nn.Module):
         self.padding = (extra // 2, extra - extra // 2)
         centre = self.padding[0] + window // 2
         self.centre_token = (centre // p, centre // p)
-        self.head = nn.Linear(backbone.config.embed_dim, embedding_dim)
+        self.reads_tiles = readout in ("tile", "tile+centre")
+        self.reads_windows = readout != "tile"
+        blocks = 2 if readout == "tile+centre" else 1
+        self.head = nn.Linear(blocks * backbone.config.embed_dim, embedding_dim)
 
     # --------------------------------------------------------------------------------------- window readouts
 
@@ -91,7 +97,7 @@ class FewshotEmbedder(nn.Module):
         tokens = self.backbone.encode(patches, wavelengths)[:, 1:]  # [N, G*P, D], group-major, raster patches
         grid = self.input_size // self.backbone.config.patch_size
         tokens = tokens.reshape(tokens.shape[0], -1, grid, grid, tokens.shape[-1])  # [N, G, r, c, D]
-        if self.readout == "centre":
+        if self.readout in ("centre", "tile+centre"):
             return tokens[:, :, self.centre_token[0], self.centre_token[1]].mean(dim=1)
         return tokens.mean(dim=(1, 2, 3))
 
@@ -168,7 +174,7 @@ class EmbeddingRunner:
 
     @property
     def reads_tiles(self) -> bool:
-        return self.embedder.readout == "tile"
+        return self.embedder.reads_tiles
 
     def wavelengths(self, domain: Domain) -> torch.Tensor:
         key = id(domain)
@@ -200,17 +206,21 @@ class EmbeddingRunner:
         crop read on its own: tile readout only)."""
         if not self.reads_tiles:
             return self.embedder(self.inputs(domain, indices), self.wavelengths(domain))
-        width = domain.shape[1]
+        features = []
+        if self.embedder.reads_windows:  # windows are cut from the whole scene, inside a crop or not
+            features.append(self.embedder.features(self.inputs(domain, indices), self.wavelengths(domain)))
+        width, local = domain.shape[1], indices
         if window is not None:
             r0, c0, _, width_here = window
             rows, cols = np.divmod(np.asarray(indices, dtype=np.int64), width)
-            indices, width = (rows - r0) * width_here + (cols - c0), width_here
-        return self.embedder.head(self.embedder.sample_grid(self._grid(domain, window), indices, width))
+            local, width = (rows - r0) * width_here + (cols - c0), width_here
+        features.insert(0, self.embedder.sample_grid(self._grid(domain, window), local, width))
+        return self.embedder.head(torch.cat(features, dim=1))
 
     @torch.no_grad()
     def embed_all(self, domain: Domain, indices: np.ndarray) -> torch.Tensor:
-        """Without grad (window readouts in batches): [N, E] on the device."""
-        if self.reads_tiles:
+        """Without grad (windows in batches; the tile grid is encoded once): [N, E] on the device."""
+        if not self.embedder.reads_windows:
             return self.embed(domain, indices)
         parts = [self.embed(domain, indices[start:start + EMBED_BATCH])
                  for start in range(0, len(indices), EMBED_BATCH)]

@@ -23,8 +23,9 @@ is the tokens of the patch covering the centre pixel averaged over the spectral 
 token averaged (``mean``). ``tile``: the whole scene is encoded at once (in tiles of ``tile_size`` px overlapping
 by ``tile_overlap``, as ``hsfm probe`` reads it), with gradients, once per training step; a pixel's feature is the
 group-averaged token grid sampled bilinearly at the pixel; a source episode is drawn inside one random
-``source_crop`` px crop of its scene, encoded alone (the crop with the most classes of ``CROP_TRIES``). The
-embedding is the head of the feature. The backbone stays in eval() (frozen, no stochastic depth).
+``source_crop`` px crop of its scene, encoded alone (the crop with the most classes of ``CROP_TRIES``).
+``tile+centre``: the tile feature and the ``centre`` feature side by side (a source episode's windows are cut
+from its whole scene; its tiles from the crop). The embedding is the head of the feature. The backbone stays in eval() (frozen, no stochastic depth).
 
 1. Source phase (only with ``data.source``): ``source_episodes`` prototypical episodes (n_way = min(target classes,
    source classes with n_support + n_query pixels); n_support + n_query pixels per class), the sources in turn.
@@ -184,10 +185,10 @@ class FewshotConfig:
     patch_size: int = 9  # pixel-centred window, odd
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     embedding_dim: int = 64  # the trainable head's output: the prototype space
-    readout: str = "tile"  # "tile": of the whole scene; "centre" / "mean": of the pixel's window (see above)
-    tile_size: int = 256  # readout=tile: px; a larger scene is encoded in overlapping tiles of this side
-    tile_overlap: int = 64  # readout=tile: px
-    source_crop: int = 64  # readout=tile: a source episode is drawn from one random crop of this side, encoded alone
+    readout: str = "tile"  # "tile": of the whole scene; "centre" / "mean": of the pixel's window; "tile+centre"
+    tile_size: int = 256  # readout=tile(+centre): px; a larger scene is encoded in overlapping tiles of this side
+    tile_overlap: int = 64  # readout=tile(+centre): px
+    source_crop: int = 64  # readout=tile(+centre): a source episode is drawn from one random crop of this side
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)  # n_way is set per source (see above)
     source_episodes: int = 100  # MIFOMO: 1500
     target_episodes: int = 100
