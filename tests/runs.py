@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from tests.conftest import REPO_ROOT
 
 MICRO = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=32",
          "model.decoder_depth=1", "model.decoder_num_heads=2", "model.spectral_channels=8", "model.spectral_basis=8",
@@ -65,3 +68,23 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("hsfm: error:")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def distributed_env() -> dict[str, str]:
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    return {**run_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+            "TORCH_EXTENSIONS_DIR": str(cache), "PYTHONPATH": str(REPO_ROOT)}
+
+
+def torchrun(processes: int, script: list[str], tmp_path: Path, timeout: float = 240
+             ) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *script]
+    return subprocess.run(command, cwd=tmp_path, env=distributed_env(), capture_output=True, text=True,
+                          timeout=timeout)

@@ -125,3 +125,32 @@ def test_hsfm_pretrain_experiment_codemae_runs_end_to_end_and_exports_a_plain_ba
     assert encoded.shape == (1, 1 + 16, MICRO["embed_dim"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objective"] == "codemae"
+
+
+def test_two_ranks_train_when_one_has_a_paired_batch_and_the_other_not(tmp_path, teacher):
+    """DDP with unpaired samples: a rank whose batch has no SAR partner still reaches every cross-modal head
+    inside its forward, and the ranks agree on the loss parts they log although their parts differ."""
+    from tests.runs import hsfm_script, torchrun
+
+    teacher_export = export_model(teacher, tmp_path / "teacher")
+    script = tmp_path / "hsfm_cli.py"
+    script.write_text(hsfm_script()[2])
+    out = tmp_path / "run"
+    micro = [f"model.{key}={value}" for key, value in MICRO.items()]
+    result = torchrun(2, [str(script), "pretrain", "experiment=codemae", *micro,
+                          f"objective.teacher={teacher_export}",
+                          f"data.pairs.path={shared_file('optical_sar/volkov_s1s2_aligned/volkov_s1s2_256.npz')}",
+                          "data.pairs.reader.indices=[0,1,4,5,10,11]", "data.pairs.tile_size=32",  # 2 + 2 train
+                          "data.pairs.held_out_fraction=0.5", "data.pairs.unpair_fraction=0.5",
+                          f"data.pairs.output_dir={tmp_path / 'shards'}", "data.train.batch_size=2",
+                          "trainer.max_steps=12", "trainer.log_every=1", "trainer.checkpoint_every=6",
+                          "trainer.figure_every=0", "trainer.wandb=false", "trainer.progress=false",
+                          "eval.max_batches=1", f"output_dir={out}"], tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    trained = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in trained if "train/loss" in r]
+    assert len(trained) == 12
+    fractions = [r["train/paired_fraction"] for r in trained]
+    assert 0.5 in fractions, fractions  # the ranks' batches differed at least once
+    assert all("train/mse_sar" in r for r in trained if r["train/paired_fraction"] > 0)
+    assert type(load_pretrained(out / "export")) is SpectralMAE

@@ -6,11 +6,8 @@ run works on a copy)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -21,7 +18,7 @@ from safetensors.torch import load_file
 
 import hsfm_train
 from tests.conftest import REPO_ROOT
-from tests.runs import MICRO, hsfm_script, losses, run_env
+from tests.runs import MICRO, hsfm_script, losses, torchrun
 
 ZERO3_ALL_SHARDED = "trainer.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"
 ENGINES = {"fsdp2": ["trainer.strategy=fsdp2"], "zero2": ["deepspeed=zero2"],
@@ -30,26 +27,6 @@ WORKER_ENGINES = {"fsdp2": {"strategy": "fsdp2"},
                   "zero2": {"strategy": "deepspeed", "deepspeed": {"zero_optimization": {"stage": 2}}},
                   "zero3": {"strategy": "deepspeed", "deepspeed": {"zero_optimization": {
                       "stage": 3, "stage3_param_persistence_threshold": 0}}}}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def distributed_env(tmp_path: Path) -> dict[str, str]:
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    return {**run_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-            "TORCH_EXTENSIONS_DIR": str(cache), "PYTHONPATH": str(REPO_ROOT)}
-
-
-def torchrun(processes: int, script: list[str], tmp_path: Path, timeout: float = 240
-             ) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *script]
-    return subprocess.run(command, cwd=tmp_path, env=distributed_env(tmp_path), capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def hsfm_job(processes: int, demo_dir: Path, output: Path, *extra: str, prelude: str = "",

@@ -507,6 +507,21 @@ class Trainer:
         value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
+    def _job_means(self, loss: torch.Tensor, parts: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss averaged over the ranks, and each loss part over the ranks that computed it: ranks may differ
+        in their parts (an unpaired optical-SAR batch has no SAR reconstruction), so the names are agreed first."""
+        import torch.distributed as dist
+
+        gathered: list[list[str] | None] = [None] * self.accelerator.num_processes
+        dist.all_gather_object(gathered, sorted(parts))
+        names = sorted({name for rank_names in gathered for name in rank_names or []})
+        values = [float(loss)] + [parts.get(name, 0.0) for name in names]
+        present = [1.0] + [1.0 if name in parts else 0.0 for name in names]
+        sums = self.accelerator.reduce(torch.tensor(values + present, device=self.accelerator.device),
+                                       reduction="sum").cpu()
+        means = sums[:len(values)] / sums[len(values):].clamp(min=1.0)
+        return means[0], dict(zip(names, means[1:].tolist()))
+
     def fit(self) -> TrainState:
         config, accelerator, state = self.config, self.accelerator, self.state
         self._setup()
@@ -536,10 +551,7 @@ class Trainer:
                 loss_value = torch.stack(losses).mean()
                 loss_finite = bool(torch.isfinite(loss_value))
                 if accelerator.num_processes > 1:  # what is logged is the job's loss, not the main rank's share
-                    names = sorted(parts_sum)
-                    means = accelerator.reduce(torch.tensor([float(loss_value)] + [parts_sum[n] for n in names],
-                                                            device=accelerator.device), reduction="mean").cpu()
-                    loss_value, parts_sum = means[0], dict(zip(names, means[1:].tolist()))
+                    loss_value, parts_sum = self._job_means(loss_value, parts_sum)
                 # skipped: the weights and the optimiser moments stay as they were; the schedule moves on so a
                 # resumed run stays step-aligned
                 grad_norm, applied = strategy.step(clip, lambda bad: self._agree(bad or not loss_finite))

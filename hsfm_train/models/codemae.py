@@ -70,4 +70,7 @@ class JointOpticalSAR(nn.Module):
             # per sample: each modality's tokens attend to its own partner's (the objective keeps paired rows)
             out["optical_conditioned"] = self.pooling(optical_tokens, sar_tokens)
             out["sar_conditioned"] = self.pooling(sar_tokens, optical_tokens)
+        else:  # an unpaired batch: a zero that reaches the cross-modal heads, made here so that DDP counts them
+            # as used by this forward (a parameter touched only by the loss is marked ready twice)
+            out["cross_modal_anchor"] = sum(parameter.sum() for parameter in self.cross_modal_parameters()) * 0.0
         return out

@@ -130,8 +130,9 @@ class JointObjective:
         p = model.config.patch_size
         parts: dict[str, torch.Tensor] = {"mse": masked_mse(out["optical"], batch["hsi"], batch["band_mask"],
                                                             c.norm_pix)}
-        # an unpaired batch: the cross-modal heads get a zero gradient (every rank's DDP reducer expects one)
-        zero = sum(parameter.sum() * 0.0 for parameter in model.cross_modal_parameters())
+        # an unpaired batch: the cross-modal heads get a zero gradient through the forward's anchor (every rank's
+        # DDP reducer expects one)
+        zero = out.get("cross_modal_anchor", 0.0)
         if "sar" in out:
             sar_mask = torch.ones(batch["pair"].shape[:2], dtype=torch.bool, device=batch["pair"].device)
             parts["mse_sar"] = masked_mse(out["sar"], batch["pair"], sar_mask, c.norm_pix)
