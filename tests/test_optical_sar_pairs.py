@@ -181,3 +181,33 @@ def test_a_tiled_run_scores_every_tile_as_a_pair(micro_export, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["pairs"], summary["images"], summary["tile"]) == (8, 2, 16)
     assert summary["chance_r1"] == pytest.approx(1 / 8)
+
+
+def test_the_pairs_table_pools_seeds_and_keeps_the_copy_baselines(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def summary(r1: float, pairs: int, psnr: float | None = None) -> dict:
+        entry = {"pairs": pairs, "chance_r1": 1 / pairs, "chance_r5": 5 / pairs, "sar_to_optical_r1": r1,
+                 "optical_to_sar_r1": r1 / 2, "sar_to_optical_r5": 2 * r1, "optical_to_sar_r5": r1,
+                 "effective_rank_optical": 4.0, "effective_rank_sar": 3.0, "effective_rank_tokens_optical": 20.0,
+                 "effective_rank_tokens_sar": 10.0, "reconstruction": None}
+        if psnr is not None:
+            scores = {"model": {"psnr": psnr}, "baselines": {"nearest_visible": {"psnr": 17.0},
+                                                             "visible_mean": {"psnr": 15.0}}}
+            entry["reconstruction"] = {"optical": scores, "sar": scores}
+        return entry
+
+    for seed, r1 in ((0, 0.1), (1, 0.3)):
+        for view, pairs in (("whole", 40), ("tiles", 640)):
+            out = tmp_path / f"joint-s{seed}-{view}"
+            out.mkdir()
+            (out / "summary.json").write_text(json.dumps(summary(r1, pairs, 14.0 + seed if view == "whole" else None)))
+    tool = Path(__file__).resolve().parents[1] / "tools" / "pairs_table.py"
+    lines = subprocess.run([sys.executable, str(tool), str(tmp_path)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert lines[2].startswith("| chance (640 tile pairs; 40 image pairs) | - | 0.16 | 2.5 | 0.78 |")
+    assert lines[3].endswith("| 17.00 / 17.00 |") and lines[4].endswith("| 15.00 / 15.00 |")
+    assert lines[5].startswith("| joint | 2 | 20.00 +- 14.14 / 10.00 +- 7.07 | 20.0 +- 14.1 / 10.0 +- 7.1 |")
+    assert lines[5].endswith("| 4.0 +- 0.0 / 3.0 +- 0.0; 20.0 +- 0.0 / 10.0 +- 0.0 | 14.50 +- 0.71 / 14.50 +- 0.71 |")
