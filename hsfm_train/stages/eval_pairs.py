@@ -40,7 +40,7 @@ from hsfm_train.errors import ConfigError, DataFormatError
 from hsfm_train.io import jsonable
 from hsfm_train.metrics import effective_rank
 from hsfm_train.stages.base import Stage, register_stage, say
-from hsfm_train.stages.probe import backbone_from, backbone_problems, missing_backbone, normalise_for_model
+from hsfm_train.stages.probe import backbone_from, backbone_problems, missing_backbone, normalisation_statistics
 
 MODALITIES = ("optical", "sar")
 
@@ -186,11 +186,8 @@ def prepare_modality(model: torch.nn.Module, pairs: list[ImagePair], modality: s
     stack = np.stack(images)  # [N, H, W, C]
     count, height, width, bands = stack.shape
     raw = stack.reshape(count * height, width, bands)
-    normalised, source = normalise_for_model(model, raw, wavelengths, statistics)
-    # the per-band affine map used, recovered from two moments (normalise_for_model returns only the result)
-    raw64, norm64 = raw.reshape(-1, bands).astype(np.float64), normalised.reshape(-1, bands).astype(np.float64)
-    std = raw64.std(0) / np.where(norm64.std(0) > 0, norm64.std(0), 1.0)
-    mean = raw64.mean(0) - norm64.mean(0) * std
+    mean, std, source = normalisation_statistics(model, raw, wavelengths, statistics)
+    normalised = ((raw - mean) / std).astype(np.float32)
     images_nchw = np.ascontiguousarray(normalised.reshape(count, height, width, bands).transpose(0, 3, 1, 2))
     return ModalityImages(modality, images_nchw.astype(np.float32), np.asarray(wavelengths, dtype=np.float32),
                           source, mean.astype(np.float32), std.astype(np.float32))

@@ -211,15 +211,9 @@ def standardise_spectra(cube: np.ndarray) -> np.ndarray:
     return ((cube - mean) / std).astype(np.float32)
 
 
-def normalise_for_model(model: torch.nn.Module, cube: np.ndarray, wavelengths: np.ndarray,
-                        statistics: dict[str, Any] | None = None) -> tuple[np.ndarray, str]:
-    """(cube normalised as the model expects, where the statistics came from).
-
-    The rule is the backbone's own (:class:`hsfm_train.models.normalizer.Normalizer`): a band set of the export
-    (same band count, every centre within 0.5 nm) gives its training statistics; otherwise the scene's own
-    per-band mean/std over all pixels are used, with a warning saying so. ``statistics`` (an export's
-    ``normalization``) replaces the model's: the random-init control of an export is fed as the export is. A
-    model without any (a random preset) gets the scene's statistics without a warning."""
+def normalisation_statistics(model: torch.nn.Module, cube: np.ndarray, wavelengths: np.ndarray,
+                             statistics: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(per-band mean, std, where they came from): what :func:`normalise_for_model` applies."""
     from hsfm_train.models.normalizer import Normalizer
 
     if statistics is not None:
@@ -231,10 +225,23 @@ def normalise_for_model(model: torch.nn.Module, cube: np.ndarray, wavelengths: n
             normalizer = Normalizer(exported)
     if normalizer is None:
         mean, std = scene_statistics(cube)
-        return ((cube - mean) / std).astype(np.float32), "the scene's own per-band statistics (the model has none)"
+        return mean, std, "the scene's own per-band statistics (the model has none)"
     mean, std, source = normalizer.statistics_for(np.asarray(wavelengths).reshape(-1), cube, band_axis=2)
     if not source.startswith("training statistics"):
         source = "the scene's own per-band statistics (a band set new to the model)"
+    return mean, std, source
+
+
+def normalise_for_model(model: torch.nn.Module, cube: np.ndarray, wavelengths: np.ndarray,
+                        statistics: dict[str, Any] | None = None) -> tuple[np.ndarray, str]:
+    """(cube normalised as the model expects, where the statistics came from).
+
+    The rule is the backbone's own (:class:`hsfm_train.models.normalizer.Normalizer`): a band set of the export
+    (same band count, every centre within 0.5 nm) gives its training statistics; otherwise the scene's own
+    per-band mean/std over all pixels are used, with a warning saying so. ``statistics`` (an export's
+    ``normalization``) replaces the model's: the random-init control of an export is fed as the export is. A
+    model without any (a random preset) gets the scene's statistics without a warning."""
+    mean, std, source = normalisation_statistics(model, cube, wavelengths, statistics)
     return ((cube - mean) / std).astype(np.float32), source
 
 
