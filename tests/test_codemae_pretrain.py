@@ -20,6 +20,7 @@ MICRO = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_d
              spectral_channels=8, spectral_basis=8, patch_size=4)
 RGB = torch.tensor([664.6, 559.8, 492.4])
 VH = torch.tensor([5.5465763e7])
+VOLKOV = "optical_sar/volkov_s1s2_aligned/volkov_s1s2_256.npz"
 CODEMAE = ObjectiveConfig(name="codemae", joint=True, degraded=1.0, conditioned_contrastive=1.0,
                           rigid_contrastive=1.0, distillation=1.0, teacher="unused-here")
 
@@ -108,7 +109,7 @@ def test_hsfm_pretrain_experiment_codemae_runs_end_to_end_and_exports_a_plain_ba
     out = tmp_path / "run"
     micro = [f"model.{key}={value}" for key, value in MICRO.items()]
     code = main(["pretrain", "experiment=codemae", *micro, f"objective.teacher={teacher_export}",
-                 f"data.pairs.path={shared_file('optical_sar/volkov_s1s2_aligned/volkov_s1s2_256.npz')}",
+                 f"data.pairs.path={shared_file(VOLKOV)}",
                  "data.pairs.reader.indices=[0,1,2,3,4,5,6,7,8,9,10,11]", "data.pairs.tile_size=32",
                  "data.pairs.held_out_fraction=0.5", "data.pairs.unpair_fraction=0.5",
                  f"data.pairs.output_dir={tmp_path / 'shards'}", "data.train.batch_size=8", "trainer.max_steps=4",
@@ -125,6 +126,15 @@ def test_hsfm_pretrain_experiment_codemae_runs_end_to_end_and_exports_a_plain_ba
     assert encoded.shape == (1, 1 + 16, MICRO["embed_dim"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objective"] == "codemae"
+    # the shortcut diagnostic reads the run's checkpoint (heads included) and scores true against false pairs
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "codemae_shortcut.py"
+    printed = subprocess.run([sys.executable, str(tool), str(out), "--pairs", str(shared_file(VOLKOV)), "--tiles", "8"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "8 held-out 64 px tile pairs" in printed and "false pairs" in printed and "chance 12.5 %" in printed
 
 
 def test_two_ranks_train_when_one_has_a_paired_batch_and_the_other_not(tmp_path, teacher):
@@ -139,7 +149,7 @@ def test_two_ranks_train_when_one_has_a_paired_batch_and_the_other_not(tmp_path,
     micro = [f"model.{key}={value}" for key, value in MICRO.items()]
     result = torchrun(2, [str(script), "pretrain", "experiment=codemae", *micro,
                           f"objective.teacher={teacher_export}",
-                          f"data.pairs.path={shared_file('optical_sar/volkov_s1s2_aligned/volkov_s1s2_256.npz')}",
+                          f"data.pairs.path={shared_file(VOLKOV)}",
                           "data.pairs.reader.indices=[0,1,4,5,10,11]", "data.pairs.tile_size=32",  # 2 + 2 train
                           "data.pairs.held_out_fraction=0.5", "data.pairs.unpair_fraction=0.5",
                           f"data.pairs.output_dir={tmp_path / 'shards'}", "data.train.batch_size=2",
