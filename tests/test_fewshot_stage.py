@@ -351,3 +351,16 @@ def test_config_errors_are_named_together_before_anything_is_written(crop, tmp_p
     with pytest.raises(ConfigError, match="no labelled pixels"):
         fewshot_run(out, "backbone=random", f"data.target={empty}")
     assert not out.exists()
+
+
+def test_the_readout_study_scores_every_frozen_feature_set(crop, micro_export):
+    tool = Path(__file__).resolve().parents[1] / "tools" / "fewshot_readouts.py"
+    printed = subprocess.run([sys.executable, str(tool), f"backbone={micro_export}", f"data.target={crop}",
+                              "shots=2", "seeds=2", "device=cpu"], capture_output=True, text=True, check=True).stdout
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    names = [row.split(" | ")[0][2:] for row in rows]
+    assert names == ["tile", "centre 5x5", "centre 7x7", "centre 9x9", "mean 9x9", "input spectrum",
+                     "tile + centre 5x5", "tile + centre 7x7", "tile + centre 9x9"]
+    for row in rows:
+        oa = float(row.split(" | ")[1].split(" +- ")[0])
+        assert 0.0 <= oa <= 100.0
