@@ -5,7 +5,7 @@
         data.target_reader.sensor_preset=aviris data.target_reader.bands=corrected
 
 Any `hsfm fewshot` override applies (backbone=, seeds=, ...; default backbone runs/main-mae/export, 20 seeds).
-The frozen backbone (no adapter, no head) gives every labelled pixel a feature from each readout: the tile
+The frozen backbone (``adapter.kind=linear``: no adapter; no head) gives every labelled pixel a feature from each readout: the tile
 feature, the centre token of a 5 / 7 / 9 px window, the mean token of a 9 px window; the input spectrum is the
 no-network row. Each feature set, and the tile feature beside each window's centre token (concatenated, no
 rescaling: what `readout=tile+centre` feeds its head), is scored by the stage's own label propagation from each
@@ -35,6 +35,7 @@ def frozen_features(overrides: list[str]) -> tuple[dict[str, np.ndarray], object
         overrides = ["backbone=runs/main-mae/export", *overrides]
     if not any(o.startswith("seeds=") for o in overrides):
         overrides = [*overrides, "seeds=20"]
+    overrides = [*overrides, "adapter.kind=linear"]  # the backbone as exported: no adapter, not even at its init
     config = load_fewshot_config(overrides)
     inputs = read_inputs(config)
     target = inputs.target
