@@ -5,9 +5,9 @@
         data.target_reader.sensor_preset=aviris data.target_reader.bands=corrected
 
 Any `hsfm fewshot` override applies (backbone=, seeds=, ...; default backbone runs/main-mae/export, 20 seeds).
-The frozen backbone (``adapter.kind=linear``: no adapter; no head) gives every labelled pixel a feature from each readout: the tile
-feature, the centre token of a 5 / 7 / 9 px window, the mean token of a 9 px window; the input spectrum is the
-no-network row. Each feature set, and the tile feature beside each window's centre token (concatenated, no
+The frozen backbone (``adapter.kind=linear``: no adapter; no head) gives every labelled pixel a feature from
+each readout: the tile feature, the centre token of a 5 / 7 / 9 px window, the mean token of a 9 px window; the
+input spectrum is the no-network row. Each feature set, and the tile feature beside each window's centre token (concatenated, no
 rescaling: what `readout=tile+centre` feeds its head), is scored by the stage's own label propagation from each
 seed's support over support + query: OA mean +- sample std over seeds, printed as a markdown table.
 
