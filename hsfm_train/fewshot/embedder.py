@@ -206,15 +206,14 @@ class EmbeddingRunner:
         crop read on its own: tile readout only)."""
         if not self.reads_tiles:
             return self.embedder(self.inputs(domain, indices), self.wavelengths(domain))
-        features = []
-        if self.embedder.reads_windows:  # windows are cut from the whole scene, inside a crop or not
-            features.append(self.embedder.features(self.inputs(domain, indices), self.wavelengths(domain)))
         width, local = domain.shape[1], indices
         if window is not None:
             r0, c0, _, width_here = window
             rows, cols = np.divmod(np.asarray(indices, dtype=np.int64), width)
             local, width = (rows - r0) * width_here + (cols - c0), width_here
-        features.insert(0, self.embedder.sample_grid(self._grid(domain, window), local, width))
+        features = [self.embedder.sample_grid(self._grid(domain, window), local, width)]
+        if self.embedder.reads_windows:  # windows are cut from the whole scene, inside a crop or not
+            features.append(self.embedder.features(self.inputs(domain, indices), self.wavelengths(domain)))
         return self.embedder.head(torch.cat(features, dim=1))
 
     @torch.no_grad()
