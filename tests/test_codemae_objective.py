@@ -1,5 +1,6 @@
 """The CoDe-MAE loss terms (hsfm_train/objectives/codemae.py): degraded targets on hand-built images, InfoNCE
-against a loop-by-loop reference, and the cross-modal terms ignoring unpaired samples."""
+against a loop-by-loop reference, the conditioned scores of every candidate pair, and the cross-modal terms
+ignoring unpaired samples."""
 from __future__ import annotations
 
 import math
@@ -9,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from hsfm_train.objectives.codemae import (ConditionedPooling, conditioned_contrastive, degraded_reconstruction,
-                                           feature_distillation, info_nce, optical_luma, patch_targets,
-                                           sar_channel_mean)
+from hsfm_train.objectives.codemae import (ConditionedPooling, degraded_reconstruction, feature_distillation,
+                                           info_nce, optical_luma, paired_score_info_nce,
+                                           pairwise_conditioned_scores, patch_targets, sar_channel_mean,
+                                           score_info_nce)
 
 
 def test_optical_luma_weights_red_green_and_blue_by_bt601():
@@ -82,25 +84,65 @@ def test_degraded_reconstruction_scores_paired_samples_only():
     assert none.item() == 0.0 and prediction.grad is not None and prediction.grad.abs().sum() == 0
 
 
-def test_conditioned_contrastive_ignores_unpaired_samples_and_needs_two_pairs():
+def test_pairwise_conditioned_scores_condition_each_candidate_on_the_query():
     torch.manual_seed(0)
     pooling = ConditionedPooling(dim=16, num_heads=2, embedding_dim=8).eval()
-    optical, sar = torch.randn(4, 6, 16), torch.randn(4, 5, 16)
-    paired = torch.tensor([True, True, False, True])
-    loss = conditioned_contrastive(pooling, optical, sar, paired)
-    keep = paired.nonzero().flatten()
-    expected = info_nce(pooling(optical[keep], sar[keep]), pooling(sar[keep], optical[keep]))
-    torch.testing.assert_close(loss, expected)
-    optical_changed, sar_changed = optical.clone(), sar.clone()
-    optical_changed[2] += 5.0
-    sar_changed[2] -= 5.0
-    torch.testing.assert_close(conditioned_contrastive(pooling, optical_changed, sar_changed, paired), expected)
+    optical, sar = torch.randn(3, 6, 16), torch.randn(4, 5, 16)
+    scores = pairwise_conditioned_scores(pooling, optical, sar)
+    assert scores.shape == (3, 4)
+    for i in range(3):
+        for j in range(4):
+            a = pooling(optical[i:i + 1], sar[j:j + 1])  # optical i attending to SAR j
+            b = pooling(sar[j:j + 1], optical[i:i + 1])  # SAR j attending to optical i
+            torch.testing.assert_close(scores[i, j], torch.cosine_similarity(a, b)[0])
     # the conditioning matters: the pooled optical embedding depends on the SAR tokens it attends to
-    assert not torch.allclose(pooling(optical, sar), pooling(optical, sar.flip(0)))
-    one_pair = conditioned_contrastive(pooling, optical, sar, torch.tensor([True, False, False, False]))
+    assert not torch.allclose(pooling(optical, sar[:3]), pooling(optical, sar[:3].flip(0)))
+
+
+class _SymmetricPooling(nn.Module):
+    """A pooling whose output is the same whichever input attends to which: the shortcut of own-partner scoring."""
+
+    def __init__(self):
+        super().__init__()
+        self.projection = nn.Linear(16, 8)
+
+    def forward(self, tokens, context):
+        return self.projection(tokens.mean(dim=1) + context.mean(dim=1))
+
+
+def test_a_symmetric_pooling_solves_own_partner_scoring_but_not_pairwise_scoring():
+    """Own-partner scoring compares pool(o_i | s_i) with pool(s_j | o_j): a pooling symmetric in its inputs makes
+    every positive identical without any alignment of o_i with s_i. Pairwise scoring conditions the negatives on
+    the query too, so the same pooling scores every candidate alike and the InfoNCE stays at log N."""
+    torch.manual_seed(0)
+    pooling = _SymmetricPooling()
+    optical, sar = torch.randn(8, 6, 16), torch.randn(8, 5, 16)  # unrelated: nothing to align
+    own = info_nce(pooling(optical, sar), pooling(sar, optical))
+    pairwise = score_info_nce(pairwise_conditioned_scores(pooling, optical, sar))
+    assert own < 0.05 * math.log(8)
+    torch.testing.assert_close(pairwise, torch.tensor(math.log(8)), atol=1e-4, rtol=0)
+
+
+def test_score_info_nce_keeps_paired_rows_and_columns_and_needs_two_pairs():
+    torch.manual_seed(0)
+    scores = torch.randn(4, 4, requires_grad=True)
+    paired = torch.tensor([True, True, False, True])
+    keep = paired.nonzero().flatten()
+    expected = score_info_nce(scores[keep][:, keep])
+    torch.testing.assert_close(paired_score_info_nce(scores, paired), expected)
+    changed = scores.detach().clone()
+    changed[2] += 5.0
+    changed[:, 2] -= 5.0
+    torch.testing.assert_close(paired_score_info_nce(changed, paired), expected)
+    # by hand: rows and columns of the kept 3 x 3 block, each a cross-entropy with the diagonal as the target
+    block = scores[keep][:, keep].detach() / 0.07
+    by_hand = sum(-torch.log_softmax(block, 1)[k, k] - torch.log_softmax(block, 0)[k, k] for k in range(3)) / 6
+    torch.testing.assert_close(expected, by_hand)
+    one_pair = paired_score_info_nce(scores, torch.tensor([True, False, False, False]))
     one_pair.backward()
-    assert one_pair.item() == 0.0
-    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in pooling.parameters())
+    assert one_pair.item() == 0.0 and scores.grad is not None and scores.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="square"):
+        score_info_nce(torch.zeros(2, 3))
 
 
 def test_feature_distillation_pulls_the_student_to_the_frozen_teacher():

@@ -95,6 +95,36 @@ def test_an_unpaired_batch_zeroes_the_cross_modal_terms_but_reaches_every_head(t
         assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in head.parameters())
 
 
+@pytest.mark.parametrize("scoring", ["pairwise", "own_partner"])
+def test_the_conditioned_term_scores_the_paired_samples_as_configured(scoring):
+    from hsfm_train.objectives.codemae import info_nce, pairwise_conditioned_scores, score_info_nce
+
+    torch.manual_seed(0)
+    model = JointOpticalSAR(ModelConfig(**MICRO), JointHeadsConfig(conditioned_scoring=scoring))
+    objective = ObjectiveConfig(name="codemae", joint=True, conditioned_contrastive=1.0, conditioned_scoring=scoring)
+    batch = _batch()
+    out = _forward(model, batch)
+    paired = torch.tensor([True, True, False, True])
+    _, parts = JointObjective(objective)(model, out, batch, paired)
+    optical, sar = out["optical"].latent[paired, 1:], out["sar"].latent[paired, 1:]
+    if scoring == "pairwise":
+        expected = score_info_nce(pairwise_conditioned_scores(model.pooling, optical, sar))
+    else:
+        expected = info_nce(model.pooling(optical, sar), model.pooling(sar, optical))
+    torch.testing.assert_close(parts["conditioned_contrastive"], expected)
+
+
+def test_the_pooling_runs_only_when_the_conditioned_term_is_on():
+    torch.manual_seed(0)
+    model = JointOpticalSAR(ModelConfig(**MICRO), JointHeadsConfig(conditioned_scoring=None))
+    out = _forward(model, _batch())
+    assert not {"conditioned_scores", "optical_conditioned", "sar_conditioned"} & set(out)
+    with pytest.raises(ConfigError, match="conditioned_scoring must be one of"):
+        ObjectiveConfig(joint=True, conditioned_contrastive=1.0, conditioned_scoring="diagonal")
+    with pytest.raises(ValueError, match="not one of"):
+        JointHeadsConfig(conditioned_scoring="diagonal")
+
+
 def test_cross_modal_terms_without_joint_or_a_teacher_are_refused():
     with pytest.raises(ConfigError, match="need joint=true"):
         ObjectiveConfig(degraded=1.0)

@@ -11,7 +11,8 @@ the held-out Volkov pairs cut into 64 px tiles, encodes each tile unmasked, and 
 * Recall@1 of the plain embeddings (modality-centred mean tokens, as ``hsfm eval-pairs`` scores them).
 
 Each conditioned embedding sees both images of the pair it scores; if a false pair scores as high as a true one,
-the term was solved by that shortcut and says nothing about alignment.
+the term was solved by that shortcut and says nothing about alignment (what ``objective.conditioned_scoring=
+own_partner`` allows; the default ``pairwise`` trains on exactly these scores, false pairs included).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from torch.nn import functional as F
 from hsfm_train.data.pairs import read_pairs, select_split
 from hsfm_train.engine.export import load_pretrained
 from hsfm_train.models.codemae import JointHeadsConfig, JointOpticalSAR
+from hsfm_train.objectives.codemae import pairwise_conditioned_scores
 from hsfm_train.stages.eval_pairs import prepare_modality, recall_at_k, tile_pairs
 
 PAIRS = "../shared/data/optical_sar/volkov_s1s2_aligned/volkov_s1s2_256.npz"
@@ -60,12 +62,9 @@ def main() -> None:
             pooled[modality] = encoded.mean(dim=1)
         count = len(pairs)
         optical, sar = tokens["optical"], tokens["sar"]
-        scores = torch.zeros(count, count)
-        for i in range(count):  # SAR i against every optical j
-            sar_i = sar[i:i + 1].expand(count, -1, -1)
-            a = model.pooling(optical, sar_i)  # optical_j | SAR_i
-            b = model.pooling(sar_i, optical)  # SAR_i | optical_j
-            scores[i] = F.cosine_similarity(a, b, dim=1)
+        # row i: SAR i against every optical j (one SAR at a time bounds the memory)
+        scores = torch.cat([pairwise_conditioned_scores(model.pooling, optical, sar[i:i + 1]).T
+                            for i in range(count)])
         plain_o = F.normalize(pooled["optical"] - pooled["optical"].mean(0), dim=1)
         plain_s = F.normalize(pooled["sar"] - pooled["sar"].mean(0), dim=1)
         plain = (plain_s @ plain_o.T).numpy()

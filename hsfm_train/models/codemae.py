@@ -6,8 +6,9 @@ reads any other.
 Heads (all trained with the backbone; a head whose loss weight is 0 stays at its initialisation):
   ``optical_to_sar`` / ``sar_to_optical``: linear maps of the decoder features of one modality's patches to the
   other's degraded target (p*p values per patch: the SAR channel mean, the optical luma);
-  ``pooling``: conditioned (cross-attention) pooling for the conditioned contrastive term (each sample's tokens
-  attend to its own partner's);
+  ``pooling``: conditioned (cross-attention) pooling for the conditioned contrastive term: ``pairwise`` scores
+  every (optical i, SAR j) of the batch with each attending to the other; ``own_partner`` pools each sample
+  attending to its own partner only (off when the term's weight is 0);
   ``rigid_projection``: mean pooling + MLP for the CLIP-style contrastive baseline;
   ``distillation``: a linear map of the student's optical tokens to the teacher's width (when there is a teacher).
 """
@@ -20,13 +21,19 @@ import torch
 from torch import nn
 
 from hsfm_train.models.mae import ModelConfig, SpectralMAE
-from hsfm_train.objectives.codemae import ConditionedPooling
+from hsfm_train.objectives.codemae import CONDITIONED_SCORINGS, ConditionedPooling, pairwise_conditioned_scores
 
 
 @dataclass
 class JointHeadsConfig:
     embedding_dim: int = 128  # the contrastive embeddings' width
     teacher_dim: int = 0  # the distillation teacher's token width; 0: no distillation head
+    conditioned_scoring: str | None = "pairwise"  # one of CONDITIONED_SCORINGS; None: the pooling is not run
+
+    def __post_init__(self) -> None:
+        if self.conditioned_scoring is not None and self.conditioned_scoring not in CONDITIONED_SCORINGS:
+            raise ValueError(f"conditioned_scoring {self.conditioned_scoring!r} is not one of "
+                             f"{CONDITIONED_SCORINGS} (or None)")
 
 
 class JointOpticalSAR(nn.Module):
@@ -67,9 +74,12 @@ class JointOpticalSAR(nn.Module):
             out["optical_to_sar"] = self.optical_to_sar(out["optical"].decoder_features.mean(dim=1))  # [N, P, p*p]
             out["sar_to_optical"] = self.sar_to_optical(out["sar"].decoder_features.mean(dim=1))
             out["sar_rigid"] = self.rigid_projection(sar_tokens.mean(dim=1))
-            # per sample: each modality's tokens attend to its own partner's (the objective keeps paired rows)
-            out["optical_conditioned"] = self.pooling(optical_tokens, sar_tokens)
-            out["sar_conditioned"] = self.pooling(sar_tokens, optical_tokens)
+            # the objective keeps the paired rows (and columns) of these
+            if self.heads_config.conditioned_scoring == "pairwise":
+                out["conditioned_scores"] = pairwise_conditioned_scores(self.pooling, optical_tokens, sar_tokens)
+            elif self.heads_config.conditioned_scoring == "own_partner":
+                out["optical_conditioned"] = self.pooling(optical_tokens, sar_tokens)
+                out["sar_conditioned"] = self.pooling(sar_tokens, optical_tokens)
         else:  # an unpaired batch: a zero that reaches the cross-modal heads, made here so that DDP counts them
             # as used by this forward (a parameter touched only by the loss is marked ready twice)
             out["cross_modal_anchor"] = sum(parameter.sum() for parameter in self.cross_modal_parameters()) * 0.0

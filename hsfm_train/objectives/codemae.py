@@ -5,8 +5,11 @@ masked reconstruction that ``objectives/reconstruction.py`` already gives:
   (optical -> the SAR channel mean, SAR -> optical luma 0.299 R + 0.587 G + 0.114 B), per patch, so that the model
   learns shared structure without the ill-posed full translation between modalities;
 * conditioned contrastive learning: each modality's tokens cross-attend to the other's, are mean-pooled and
-  projected, and the two pooled embeddings of a pair are aligned by a symmetric InfoNCE at a fixed temperature
-  (0.07), a soft alignment that leaves the per-token features free;
+  projected, and the two pooled embeddings are aligned by a symmetric InfoNCE at a fixed temperature (0.07), a
+  soft alignment that leaves the per-token features free. Every candidate pair (optical i, SAR j) is scored with
+  each side conditioned on the other (``pairwise``): when each embedding is conditioned on its own partner only
+  (``own_partner``), both embeddings of a pair see both images, and a pooling that is symmetric in its two inputs
+  solves the InfoNCE without aligning anything;
 * feature distillation: SmoothL1 between the student's optical tokens (through a linear projection) and a frozen
   optical teacher's, which anchors the shared backbone to optical semantics.
 
@@ -24,6 +27,7 @@ from torch.nn import functional as F
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma of R, G, B
 CONTRASTIVE_TEMPERATURE = 0.07
+CONDITIONED_SCORINGS = ("pairwise", "own_partner")
 
 
 def optical_luma(optical: torch.Tensor) -> torch.Tensor:
@@ -78,8 +82,17 @@ def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = CONTRAST
     mean of the cross-entropies a -> b and b -> a with the diagonal as the positives."""
     if z_a.shape != z_b.shape or z_a.dim() != 2:
         raise ValueError(f"expected two [N, D] embeddings of one shape, got {tuple(z_a.shape)}, {tuple(z_b.shape)}")
-    logits = F.normalize(z_a.float(), dim=1) @ F.normalize(z_b.float(), dim=1).t() / temperature
-    targets = torch.arange(len(z_a), device=z_a.device)
+    return score_info_nce(F.normalize(z_a.float(), dim=1) @ F.normalize(z_b.float(), dim=1).t(), temperature)
+
+
+def score_info_nce(scores: torch.Tensor, temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
+    """Symmetric InfoNCE of a square score matrix [N, N] (row i: modality a's sample i against every sample of
+    modality b; the diagonal holds the true pairs): the mean of the row-wise and column-wise cross-entropies of
+    ``scores / temperature``."""
+    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"expected a square [N, N] score matrix, got {tuple(scores.shape)}")
+    logits = scores.float() / temperature
+    targets = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
@@ -111,16 +124,23 @@ def paired_info_nce(z_a: torch.Tensor, z_b: torch.Tensor, paired: torch.Tensor,
     return info_nce(z_a[paired], z_b[paired], temperature)
 
 
-def conditioned_contrastive(pooling: ConditionedPooling, optical_tokens: torch.Tensor, sar_tokens: torch.Tensor,
-                            paired: torch.Tensor, temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
-    """InfoNCE between each pair's optical tokens conditioned on its SAR tokens and its SAR tokens conditioned on
-    its optical tokens; only paired samples take part (the negatives are the other pairs of the batch). Fewer than
-    two pairs: zero (InfoNCE needs a negative)."""
-    paired = paired.to(device=optical_tokens.device, dtype=torch.bool)
+def pairwise_conditioned_scores(pooling: ConditionedPooling, optical_tokens: torch.Tensor,
+                                sar_tokens: torch.Tensor) -> torch.Tensor:
+    """Scores [M, N] of every candidate pair: entry (i, j) is the cosine between pool(optical_i | SAR_j) and
+    pool(SAR_j | optical_i), so a negative is conditioned on the query it is scored against (M * N poolings)."""
+    m, n = len(optical_tokens), len(sar_tokens)
+    optical = optical_tokens.repeat_interleave(n, dim=0)  # row i * n + j: optical i
+    sar = sar_tokens.repeat(m, 1, 1)  # row i * n + j: SAR j
+    return F.cosine_similarity(pooling(optical, sar).float(), pooling(sar, optical).float(), dim=1).view(m, n)
+
+
+def paired_score_info_nce(scores: torch.Tensor, paired: torch.Tensor,
+                          temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
+    """:func:`score_info_nce` over the paired rows and columns only; fewer than two pairs: zero."""
+    paired = paired.to(device=scores.device, dtype=torch.bool)
     if int(paired.sum()) < 2:
-        return _zero_like_graph(optical_tokens, sar_tokens, *pooling.parameters())
-    optical, sar = optical_tokens[paired], sar_tokens[paired]
-    return info_nce(pooling(optical, sar), pooling(sar, optical), temperature)
+        return _zero_like_graph(scores)
+    return score_info_nce(scores[paired][:, paired], temperature)
 
 
 def feature_distillation(student: torch.Tensor, teacher: torch.Tensor, projection: nn.Module,

@@ -18,6 +18,7 @@ import torch
 
 from hsfm_train.errors import ConfigError
 from hsfm_train.models.mae import MAEOutput, SpectralMAE
+from hsfm_train.objectives.codemae import CONDITIONED_SCORINGS
 from hsfm_train.objectives.representation import feature_decorrelation
 from hsfm_train.objectives.reconstruction import masked_huber, masked_mse
 from hsfm_train.objectives.spectral import lsmm_physics, masked_spectral_angle
@@ -44,6 +45,9 @@ class ObjectiveConfig:
     joint: bool = False
     degraded: float = 0.0  # cross-modal degraded reconstruction (optical -> SAR channel mean, SAR -> optical luma)
     conditioned_contrastive: float = 0.0  # cross-attention pooling + InfoNCE
+    # pairwise: every (optical i, SAR j) is scored with each side attending to the other; own_partner: each
+    # sample attends to its own partner only (a symmetric pooling then solves the InfoNCE without alignment)
+    conditioned_scoring: str = "pairwise"
     rigid_contrastive: float = 0.0  # mean pooling + InfoNCE (CLIP-style; the baseline CoDe-MAE argues against)
     distillation: float = 0.0  # SmoothL1 to a frozen optical teacher's tokens
     teacher: str | None = None  # the teacher: an `hsfm export` directory
@@ -62,6 +66,9 @@ class ObjectiveConfig:
                               "need joint=true (optical-SAR pairs)")
         if self.distillation > 0 and not self.teacher:
             raise ConfigError(f"objective '{self.name}': distillation > 0 needs objective.teacher (an export)")
+        if self.conditioned_scoring not in CONDITIONED_SCORINGS:
+            raise ConfigError(f"objective '{self.name}': conditioned_scoring must be one of {CONDITIONED_SCORINGS}, "
+                              f"got {self.conditioned_scoring!r}")
         if not self.contrastive_temperature > 0:
             raise ConfigError(f"objective '{self.name}': contrastive_temperature must be > 0")
         if self.joint and (self.sam > 0 or self.physics > 0 or self.huber > 0 or self.decorrelation > 0):
@@ -124,7 +131,8 @@ class JointObjective:
     def __call__(self, model, out: dict[str, Any], batch: dict[str, Any], paired: torch.Tensor
                  ) -> tuple[torch.Tensor, dict]:
         from hsfm_train.objectives.codemae import (degraded_reconstruction, feature_distillation, optical_luma,
-                                                   paired_info_nce, patch_targets, sar_channel_mean)
+                                                   paired_info_nce, paired_score_info_nce, patch_targets,
+                                                   sar_channel_mean)
 
         c = self.config
         p = model.config.patch_size
@@ -142,7 +150,10 @@ class JointObjective:
                 sar_mean = patch_targets(sar_channel_mean(batch["pair"]), p)
                 parts["degraded"] = (degraded_reconstruction(out["optical_to_sar"], sar_mean, paired)
                                      + degraded_reconstruction(out["sar_to_optical"], luma, paired)) / 2
-            if c.conditioned_contrastive > 0:
+            if c.conditioned_contrastive > 0 and c.conditioned_scoring == "pairwise":
+                parts["conditioned_contrastive"] = paired_score_info_nce(out["conditioned_scores"], paired,
+                                                                         c.contrastive_temperature)
+            elif c.conditioned_contrastive > 0:
                 parts["conditioned_contrastive"] = paired_info_nce(out["optical_conditioned"], out["sar_conditioned"],
                                                                    paired, c.contrastive_temperature)
             if c.rigid_contrastive > 0:

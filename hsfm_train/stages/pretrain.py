@@ -153,7 +153,10 @@ def build_joint(config: PretrainConfig, device: torch.device):
         if teacher.config.patch_size != config.model.patch_size:
             raise ConfigError(f"objective.teacher has {teacher.config.patch_size} px patches, the model "
                               f"{config.model.patch_size}: distillation compares token by token")
-    heads = JointHeadsConfig(teacher_dim=teacher.config.embed_dim if teacher is not None else 0)
+    objective = config.objective
+    heads = JointHeadsConfig(teacher_dim=teacher.config.embed_dim if teacher is not None else 0,
+                             conditioned_scoring=objective.conditioned_scoring
+                             if objective.conditioned_contrastive > 0 else None)
     return JointOpticalSAR(config.model, heads), JointObjective(config.objective, teacher)
 
 
