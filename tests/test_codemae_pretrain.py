@@ -193,4 +193,5 @@ def test_two_ranks_train_when_one_has_a_paired_batch_and_the_other_not(tmp_path,
     fractions = [r["train/paired_fraction"] for r in trained]
     assert 0.5 in fractions, fractions  # the ranks' batches differed at least once
     assert all("train/mse_sar" in r for r in trained if r["train/paired_fraction"] > 0)
+    assert all("train/mse_sar" not in r for r in trained if r["train/paired_fraction"] == 0)
     assert type(load_pretrained(out / "export")) is SpectralMAE

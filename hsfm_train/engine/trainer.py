@@ -295,6 +295,7 @@ class Trainer:
         self.accelerator = accelerator
         self.loader = loader
         self.step_fn = step_fn
+        self._agreed_part_names: list[str] = []  # loss-part names every rank knows (_job_means)
         self.logger = logger
         self.seed = seed
         self.evaluate = evaluate
@@ -509,18 +510,26 @@ class Trainer:
 
     def _job_means(self, loss: torch.Tensor, parts: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss averaged over the ranks, and each loss part over the ranks that computed it: ranks may differ
-        in their parts (an unpaired optical-SAR batch has no SAR reconstruction), so the names are agreed first."""
+        in their parts (an unpaired optical-SAR batch has no SAR reconstruction). The part names agreed so far
+        ride along with the one reduce; only a step on which some rank has a name not yet agreed gathers the
+        names (the first step, and rarely after)."""
         import torch.distributed as dist
 
-        gathered: list[list[str] | None] = [None] * self.accelerator.num_processes
-        dist.all_gather_object(gathered, sorted(parts))
-        names = sorted({name for rank_names in gathered for name in rank_names or []})
-        values = [float(loss)] + [parts.get(name, 0.0) for name in names]
-        present = [1.0] + [1.0 if name in parts else 0.0 for name in names]
-        sums = self.accelerator.reduce(torch.tensor(values + present, device=self.accelerator.device),
-                                       reduction="sum").cpu()
-        means = sums[:len(values)] / sums[len(values):].clamp(min=1.0)
-        return means[0], dict(zip(names, means[1:].tolist()))
+        while True:
+            names = self._agreed_part_names
+            unknown = 1.0 if set(parts) - set(names) else 0.0
+            values = [float(loss)] + [parts.get(name, 0.0) for name in names]
+            present = [1.0] + [1.0 if name in parts else 0.0 for name in names]
+            sums = self.accelerator.reduce(torch.tensor(values + present + [unknown], device=self.accelerator.device),
+                                           reduction="sum").cpu()
+            if sums[-1] == 0:
+                break
+            gathered: list[list[str] | None] = [None] * self.accelerator.num_processes
+            dist.all_gather_object(gathered, sorted(parts))
+            self._agreed_part_names = sorted(set(names) | {name for rank in gathered for name in rank or []})
+        counts = sums[len(values):-1]
+        means = sums[:len(values)] / counts.clamp(min=1.0)
+        return means[0], {name: float(means[1 + k]) for k, name in enumerate(names) if counts[1 + k] > 0}
 
     def fit(self) -> TrainState:
         config, accelerator, state = self.config, self.accelerator, self.state
