@@ -174,6 +174,28 @@ def _capture(monkeypatch, name: str) -> list:
     return captured
 
 
+def test_a_run_that_trains_nothing_reads_the_backbones_own_features(crop, micro_export, tmp_path, monkeypatch):
+    """target_episodes=0 without a source: no adapter at its random init, no random head; the adapter kind then
+    changes nothing."""
+    seeds = _capture(monkeypatch, "run_seed")
+    frozen = ["target_episodes=0", "pseudo_labelling=false", "readout=tile+centre"]
+    by_kind = {kind: fewshot_run(tmp_path / kind, f"backbone={micro_export}", f"data.target={crop}",
+                                 f"adapter.kind={kind}", *frozen) for kind in ("cp", "lora")}
+    for summary in by_kind.values():
+        assert summary["trainable_parameters"] == 0
+        assert any("nothing trains" in note for note in summary["notes"])
+    assert by_kind["cp"]["oa_per_seed"] == by_kind["lora"]["oa_per_seed"]
+    exported = load_pretrained(micro_export).state_dict()
+    for _, result in seeds:
+        embedder = result.embedder
+        assert isinstance(embedder.head, torch.nn.Identity) and embedder.output_dim == 2 * MICRO["embed_dim"]
+        state = embedder.backbone.state_dict()
+        assert set(state) <= set(exported) and all(torch.equal(state[k], exported[k]) for k in state)  # no adapter
+    trained = fewshot_run(tmp_path / "trained", f"backbone={micro_export}", f"data.target={crop}", "seeds=1",
+                          "readout=tile+centre")
+    assert trained["trainable_parameters"] > 0 and isinstance(seeds[-1][1].embedder.head, torch.nn.Linear)
+
+
 def test_transductive_pseudo_labels_never_read_the_query_labels(crop, micro_export, tmp_path, monkeypatch):
     """The same support; the query pixels' labels shuffled among them: pseudo-labels, trained model and
     predictions are identical; only the scores (which read the query labels, after training) change."""

@@ -67,9 +67,10 @@ def tile_offsets(size: int, tile: int, stride: int) -> list[int]:
 
 
 class FewshotEmbedder(nn.Module):
-    """An adapted backbone + a linear head [D -> embedding_dim]: pixels -> embeddings (see the module docstring)."""
+    """An adapted backbone + a linear head [D -> embedding_dim]: pixels -> embeddings (see the module docstring).
+    ``embedding_dim=None``: no head (the identity), for a run that trains nothing."""
 
-    def __init__(self, backbone: nn.Module, embedding_dim: int, readout: str, window: int,
+    def __init__(self, backbone: nn.Module, embedding_dim: int | None, readout: str, window: int,
                  tile_size: int = 256, tile_overlap: int = 64):
         super().__init__()
         if readout not in READOUTS:
@@ -87,8 +88,9 @@ class FewshotEmbedder(nn.Module):
         self.centre_token = (centre // p, centre // p)
         self.reads_tiles = readout in ("tile", "tile+centre")
         self.reads_windows = readout != "tile"
-        blocks = 2 if readout == "tile+centre" else 1
-        self.head = nn.Linear(blocks * backbone.config.embed_dim, embedding_dim)
+        feature_dim = (2 if readout == "tile+centre" else 1) * backbone.config.embed_dim
+        self.output_dim = feature_dim if embedding_dim is None else embedding_dim
+        self.head = nn.Identity() if embedding_dim is None else nn.Linear(feature_dim, embedding_dim)
 
     # --------------------------------------------------------------------------------------- window readouts
 
@@ -153,7 +155,7 @@ class FewshotEmbedder(nn.Module):
         return sampled[0, :, 0].T
 
 
-def build_embedder(backbone: nn.Module, adapter: AdapterConfig, embedding_dim: int, readout: str, window: int,
+def build_embedder(backbone: nn.Module, adapter: AdapterConfig, embedding_dim: int | None, readout: str, window: int,
                    seed: int, tile_size: int = 256, tile_overlap: int = 64) -> FewshotEmbedder:
     """A fresh copy of the frozen ``backbone`` with ``adapter`` and a new head, both from ``seed``."""
     adapted = apply_adapter(copy.deepcopy(backbone), adapter, seed=seed).eval()
@@ -224,5 +226,5 @@ class EmbeddingRunner:
         parts = [self.embed(domain, indices[start:start + EMBED_BATCH])
                  for start in range(0, len(indices), EMBED_BATCH)]
         if not parts:
-            return torch.zeros(0, self.embedder.head.out_features, device=self.device)
+            return torch.zeros(0, self.embedder.output_dim, device=self.device)
         return torch.cat(parts)

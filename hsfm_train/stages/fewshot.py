@@ -455,10 +455,18 @@ def read_inputs(config: FewshotConfig) -> Inputs:
 # -------------------------------------------------------------------------------------------------- model
 
 
-def new_embedder(backbone: nn.Module, config: FewshotConfig, seed: int) -> FewshotEmbedder:
-    """A fresh copy of the frozen ``backbone`` with the adapter of ``config`` and a new head, both from ``seed``."""
-    return build_embedder(backbone, config.adapter, config.embedding_dim, config.readout, config.patch_size, seed,
-                          config.tile_size, config.tile_overlap)
+def trains_nothing(config: FewshotConfig, inputs: Inputs) -> bool:
+    """No episode updates anything: no target episodes, and no source episodes (or no source)."""
+    return config.target_episodes == 0 and (config.source_episodes == 0 or not inputs.sources)
+
+
+def new_embedder(backbone: nn.Module, config: FewshotConfig, seed: int, frozen: bool = False) -> FewshotEmbedder:
+    """A fresh copy of the frozen ``backbone`` with the adapter of ``config`` and a new head, both from ``seed``.
+    ``frozen`` (nothing will train): the backbone's own features, no adapter and an identity head, since an
+    untrained adapter or head would only perturb or randomly project them."""
+    adapter = replace(config.adapter, kind="linear") if frozen else config.adapter
+    return build_embedder(backbone, adapter, None if frozen else config.embedding_dim, config.readout,
+                          config.patch_size, seed, config.tile_size, config.tile_overlap)
 
 
 # ------------------------------------------------------------------------------------------- pseudo-labels
@@ -637,9 +645,10 @@ def run_seed(inputs: Inputs, config: FewshotConfig, seed: int, device: torch.dev
     pool = pseudo_label_pool(config.mode, split.query, target.labels)
     rng = np.random.default_rng([seed, config.seed])
 
-    embedder = new_embedder(inputs.backbone, config, seed).to(device)
+    frozen = trains_nothing(config, inputs)
+    embedder = new_embedder(inputs.backbone, config, seed, frozen).to(device)
     runner = EmbeddingRunner(embedder, device)
-    optimizer = _optimizer(embedder, config)
+    optimizer = None if frozen else _optimizer(embedder, config)
     report = parameter_report(embedder)
     support_t = torch.as_tensor(support_classes, dtype=torch.long, device=device)
 
@@ -903,7 +912,11 @@ def fewshot_summary(config: FewshotConfig, inputs: Inputs) -> dict[str, Any]:
     splits, warned = draw_splits(target, config)
     notes += warned
 
-    probe = new_embedder(inputs.backbone, config, 0)
+    frozen = trains_nothing(config, inputs)
+    if frozen:
+        notes.append("nothing trains (target_episodes=0, no source episodes): the frozen backbone's own features, "
+                     f"without the {config.adapter.kind} adapter or a head")
+    probe = new_embedder(inputs.backbone, config, 0, frozen)
     report = parameter_report(probe)
     adapter_count = sum(p.numel() for p in probe.backbone.parameters() if p.requires_grad)
     head_count = sum(p.numel() for p in probe.head.parameters())
