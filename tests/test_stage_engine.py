@@ -86,6 +86,17 @@ def test_normalizer_uses_training_statistics_for_a_known_band_set_and_warns_for_
         normalizer.statistics_for(other)
     _, _, source = normalizer.statistics_for(wavelengths)
     assert source == "training statistics of band set sensor-b5"
+    assert normalizer.match(wavelengths + 0.6) is None  # 0.6 nm off at 400-900 nm: another band set
+
+
+def test_a_sar_band_centre_stored_as_float32_still_matches_its_band_set():
+    """Exports keep centres as float32: C-band SAR at 5.5465763e7 nm comes back 4 nm off, which is the same band."""
+    vh = 5.5465763e7
+    stored = float(np.float32(vh))
+    assert abs(stored - vh) > 0.5
+    normalizer = Normalizer({"s1-vh": {"bands": 1, "wavelengths_nm": [stored], "mean": [0.47], "std": [0.2]}})
+    assert normalizer.match([vh]) == "s1-vh"
+    assert normalizer.match([vh * 1.001]) is None
 
 
 def test_an_export_names_its_architecture(tmp_path):

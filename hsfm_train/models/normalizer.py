@@ -15,6 +15,9 @@ import torch
 from hsfm_train.errors import ConfigError
 
 WAVELENGTH_TOLERANCE_NM = 0.5  # two band sets are the same if every centre agrees within this
+# ... or within this fraction of itself: exports keep centres as float32, which moves a C-band SAR "centre"
+# (5.5e7 nm) by a few nm
+WAVELENGTH_RELATIVE_TOLERANCE = 1e-6
 
 
 class Normalizer:
@@ -28,11 +31,13 @@ class Normalizer:
                           if info.get("wavelengths_nm") is not None and info.get("mean") is not None}
 
     def match(self, wavelengths: Any) -> str | None:
-        """The known band set with these band centres (same count, each within 0.5 nm), or None."""
+        """The known band set with these band centres (same count, each within 0.5 nm or a millionth of
+        itself), or None."""
         wavelengths = np.asarray(wavelengths, dtype=np.float64).reshape(-1)
         for name, info in self.band_sets.items():
             known = np.asarray(info["wavelengths_nm"], dtype=np.float64)
-            if known.shape == wavelengths.shape and np.all(np.abs(known - wavelengths) <= WAVELENGTH_TOLERANCE_NM):
+            if known.shape == wavelengths.shape and np.allclose(known, wavelengths, rtol=WAVELENGTH_RELATIVE_TOLERANCE,
+                                                                atol=WAVELENGTH_TOLERANCE_NM):
                 return name
         return None
 
