@@ -2,7 +2,8 @@
 the CLIP-style term and no contrastive term, as the per-rank batch grows.
 
 Pairwise scoring pools every (optical i, SAR j) of a rank's batch with each side attending to the other: N^2
-cross-attention poolings per step against own-partner scoring's N (``hsfm_train/objectives/codemae.py``). One
+cross-attention poolings per step against own-partner scoring's N (``hsfm_train/objectives/codemae.py``); with
+``objective.conditioned_negatives=k``, N (1 + 2k). One
 training step here = the joint model's masked forward of both modalities + ``JointObjective`` + backward + AdamW
 step + zero_grad, on the model of ``experiment=codemae`` (tiny preset, 4 px patches, 64 px tiles, RGB + one SAR
 channel; no distillation teacher, which costs the same for every case). Data are random tensors: timing does not
@@ -39,6 +40,7 @@ CASES = {  # name: objective overrides on top of the joint masked MSE
     "rigid (CLIP-style)": {"rigid_contrastive": 1.0},
     "conditioned, own partner": {"conditioned_contrastive": 1.0, "conditioned_scoring": "own_partner"},
     "conditioned, pairwise": {"conditioned_contrastive": 1.0, "conditioned_scoring": "pairwise"},
+    "pairwise, 4 negatives": {"conditioned_contrastive": 1.0, "conditioned_negatives": 4},
 }
 
 
@@ -69,7 +71,8 @@ def make_case(name: str, batch_size: int, tile: int) -> Case:
     overrides = CASES[name]
     objective = ObjectiveConfig(name="codemae", joint=True, **overrides)
     scoring = objective.conditioned_scoring if objective.conditioned_contrastive > 0 else None
-    model = JointOpticalSAR(config, JointHeadsConfig(conditioned_scoring=scoring)).train()
+    model = JointOpticalSAR(config, JointHeadsConfig(conditioned_scoring=scoring,
+                                                     conditioned_negatives=objective.conditioned_negatives)).train()
     generator = torch.Generator().manual_seed(1)
     batch = {"hsi": torch.randn(batch_size, 3, tile, tile, generator=generator),
              "wavelengths": torch.tensor(RGB_NM).expand(batch_size, -1).clone(),

@@ -20,7 +20,7 @@ def test_pairwise_scoring_memory_grows_faster_with_the_batch(tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {(r["batch"], r["case"]): r for r in json.loads(out.read_text())["results"]}
-    assert len(rows) == 8 and all(r["ms_per_step"] > 0 and r["saved_mb"] > 0 for r in rows.values())
+    assert len(rows) == 10 and all(r["ms_per_step"] > 0 and r["saved_mb"] > 0 for r in rows.values())
     growth = {case: rows[(8, case)]["saved_mb"] / rows[(2, case)]["saved_mb"]
               for case in ("conditioned, own partner", "conditioned, pairwise")}
     assert growth["conditioned, pairwise"] > growth["conditioned, own partner"] * 1.1, growth

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from hsfm_train.objectives.codemae import (ConditionedPooling, degraded_reconstruction, feature_distillation,
-                                           info_nce, optical_luma, paired_score_info_nce,
-                                           pairwise_conditioned_scores, patch_targets, sar_channel_mean,
+                                           draw_negatives, info_nce, optical_luma, paired_score_info_nce,
+                                           pairwise_conditioned_scores, patch_targets,
+                                           sampled_conditioned_scores, sampled_score_info_nce, sar_channel_mean,
                                            score_info_nce)
 
 
@@ -121,6 +122,58 @@ def test_a_symmetric_pooling_solves_own_partner_scoring_but_not_pairwise_scoring
     pairwise = score_info_nce(pairwise_conditioned_scores(pooling, optical, sar))
     assert own < 0.05 * math.log(8)
     torch.testing.assert_close(pairwise, torch.tensor(math.log(8)), atol=1e-4, rtol=0)
+
+
+def test_sampled_negatives_are_distinct_others_and_reproducible():
+    first = draw_negatives(6, 3, torch.Generator().manual_seed(4))
+    assert first.shape == (6, 3)
+    for i, row in enumerate(first.tolist()):
+        assert len(set(row)) == 3 and i not in row
+    assert torch.equal(first, draw_negatives(6, 3, torch.Generator().manual_seed(4)))
+    assert not torch.equal(first, draw_negatives(6, 3, torch.Generator().manual_seed(5)))
+    with pytest.raises(ValueError, match="0 < negatives < count"):
+        draw_negatives(4, 4)
+
+
+def test_sampled_conditioned_scores_are_entries_of_the_pairwise_matrix():
+    """Row i against its k candidates c: (optical i, SAR c) for optical -> SAR, (optical c, SAR i) for the other
+    direction; with every other sample as a candidate the InfoNCE is the full pairwise one."""
+    torch.manual_seed(0)
+    pooling = ConditionedPooling(dim=16, num_heads=2, embedding_dim=8).eval()
+    optical, sar = torch.randn(5, 6, 16), torch.randn(5, 4, 16)
+    full = pairwise_conditioned_scores(pooling, optical, sar)
+    candidates = draw_negatives(5, 2, torch.Generator().manual_seed(0))
+    to_sar, to_optical = sampled_conditioned_scores(pooling, optical, sar, candidates)
+    assert to_sar.shape == to_optical.shape == (5, 3)
+    for i in range(5):
+        torch.testing.assert_close(to_sar[i, 0], full[i, i])
+        torch.testing.assert_close(to_optical[i, 0], full[i, i])
+        for t, c in enumerate(candidates[i].tolist()):
+            torch.testing.assert_close(to_sar[i, 1 + t], full[i, c])
+            torch.testing.assert_close(to_optical[i, 1 + t], full[c, i])
+    everyone = draw_negatives(5, 4, torch.Generator().manual_seed(1))
+    paired = torch.ones(5, dtype=torch.bool)
+    torch.testing.assert_close(sampled_score_info_nce(*sampled_conditioned_scores(pooling, optical, sar, everyone),
+                                                      everyone, paired), score_info_nce(full))
+    # a symmetric pooling cannot tell the true pair from its k candidates either: log(1 + k)
+    symmetric = _SymmetricPooling()
+    loss = sampled_score_info_nce(*sampled_conditioned_scores(symmetric, optical[:, :, :16], sar, candidates),
+                                  candidates, paired)
+    torch.testing.assert_close(loss, torch.tensor(math.log(3)), atol=1e-4, rtol=0)
+    # rows that are unpaired, or have an unpaired candidate, are left out; fewer than two rows: zero
+    some = torch.tensor([True, True, True, True, False])
+    keep = some & some[candidates].all(dim=1)  # sample 4 is a candidate of rows 1-3: only row 0 is left
+    assert keep.tolist() == [True, False, False, False, False]
+    assert sampled_score_info_nce(to_sar, to_optical, candidates, some).item() == 0.0
+    some = torch.tensor([True, False, True, True, True])  # sample 1 is no row's candidate: rows 0, 2, 3, 4
+    keep = some & some[candidates].all(dim=1)
+    assert keep.tolist() == [True, False, True, True, True]
+    expected = (torch.nn.functional.cross_entropy(to_sar[keep] / 0.07, torch.zeros(int(keep.sum()), dtype=torch.long))
+                + torch.nn.functional.cross_entropy(to_optical[keep] / 0.07,
+                                                    torch.zeros(int(keep.sum()), dtype=torch.long))) / 2
+    torch.testing.assert_close(sampled_score_info_nce(to_sar, to_optical, candidates, some), expected)
+    none = sampled_score_info_nce(to_sar, to_optical, candidates, torch.zeros(5, dtype=torch.bool))
+    assert none.item() == 0.0
 
 
 def test_score_info_nce_keeps_paired_rows_and_columns_and_needs_two_pairs():

@@ -114,6 +114,31 @@ def test_the_conditioned_term_scores_the_paired_samples_as_configured(scoring):
     torch.testing.assert_close(parts["conditioned_contrastive"], expected)
 
 
+def test_sampled_negatives_score_each_sample_against_k_others_drawn_from_the_step_generator():
+    from hsfm_train.objectives.codemae import sampled_conditioned_scores, sampled_score_info_nce
+
+    torch.manual_seed(0)
+    model = JointOpticalSAR(ModelConfig(**MICRO), JointHeadsConfig(conditioned_negatives=2))
+    objective = ObjectiveConfig(name="codemae", joint=True, conditioned_contrastive=1.0, conditioned_negatives=2)
+    batch = _batch(count=6)
+    out = _forward(model, batch, seed=3)
+    assert "conditioned_scores" not in out and out["conditioned_candidates"].shape == (6, 2)
+    paired = torch.ones(6, dtype=torch.bool)
+    _, parts = JointObjective(objective)(model, out, batch, paired)
+    optical, sar = out["optical"].latent[:, 1:], out["sar"].latent[:, 1:]
+    expected = sampled_score_info_nce(*sampled_conditioned_scores(model.pooling, optical, sar,
+                                                                  out["conditioned_candidates"]),
+                                      out["conditioned_candidates"], paired)
+    torch.testing.assert_close(parts["conditioned_contrastive"], expected)
+    again = _forward(model, batch, seed=3)  # a resumed step draws the same negatives
+    assert torch.equal(again["conditioned_candidates"], out["conditioned_candidates"])
+    # k >= batch - 1 is every other pair: the full matrix
+    assert "conditioned_scores" in _forward(JointOpticalSAR(ModelConfig(**MICRO),
+                                                            JointHeadsConfig(conditioned_negatives=5)), batch)
+    with pytest.raises(ConfigError, match="conditioned_negatives must be >= 0"):
+        ObjectiveConfig(joint=True, conditioned_contrastive=1.0, conditioned_negatives=-1)
+
+
 def test_the_pooling_runs_only_when_the_conditioned_term_is_on():
     torch.manual_seed(0)
     model = JointOpticalSAR(ModelConfig(**MICRO), JointHeadsConfig(conditioned_scoring=None))

@@ -7,7 +7,8 @@ Heads (all trained with the backbone; a head whose loss weight is 0 stays at its
   ``optical_to_sar`` / ``sar_to_optical``: linear maps of the decoder features of one modality's patches to the
   other's degraded target (p*p values per patch: the SAR channel mean, the optical luma);
   ``pooling``: conditioned (cross-attention) pooling for the conditioned contrastive term: ``pairwise`` scores
-  every (optical i, SAR j) of the batch with each attending to the other; ``own_partner`` pools each sample
+  every (optical i, SAR j) of the batch with each attending to the other (or, with ``conditioned_negatives`` = k,
+  each sample against k others drawn from the step's generator: N (1 + 2k) poolings, not N^2); ``own_partner`` pools each sample
   attending to its own partner only (off when the term's weight is 0);
   ``rigid_projection``: mean pooling + MLP for the CLIP-style contrastive baseline;
   ``distillation``: a linear map of the student's optical tokens to the teacher's width (when there is a teacher).
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from hsfm_train.models.mae import ModelConfig, SpectralMAE
-from hsfm_train.objectives.codemae import CONDITIONED_SCORINGS, ConditionedPooling, pairwise_conditioned_scores
+from hsfm_train.objectives.codemae import (CONDITIONED_SCORINGS, ConditionedPooling, draw_negatives,
+                                           pairwise_conditioned_scores, sampled_conditioned_scores)
 
 
 @dataclass
@@ -29,11 +31,14 @@ class JointHeadsConfig:
     embedding_dim: int = 128  # the contrastive embeddings' width
     teacher_dim: int = 0  # the distillation teacher's token width; 0: no distillation head
     conditioned_scoring: str | None = "pairwise"  # one of CONDITIONED_SCORINGS; None: the pooling is not run
+    conditioned_negatives: int = 0  # pairwise: negatives per sample; 0 (or >= batch - 1): every other pair
 
     def __post_init__(self) -> None:
         if self.conditioned_scoring is not None and self.conditioned_scoring not in CONDITIONED_SCORINGS:
             raise ValueError(f"conditioned_scoring {self.conditioned_scoring!r} is not one of "
                              f"{CONDITIONED_SCORINGS} (or None)")
+        if self.conditioned_negatives < 0:
+            raise ValueError(f"conditioned_negatives must be >= 0, got {self.conditioned_negatives}")
 
 
 class JointOpticalSAR(nn.Module):
@@ -75,7 +80,13 @@ class JointOpticalSAR(nn.Module):
             out["sar_to_optical"] = self.sar_to_optical(out["sar"].decoder_features.mean(dim=1))
             out["sar_rigid"] = self.rigid_projection(sar_tokens.mean(dim=1))
             # the objective keeps the paired rows (and columns) of these
-            if self.heads_config.conditioned_scoring == "pairwise":
+            negatives = self.heads_config.conditioned_negatives
+            if self.heads_config.conditioned_scoring == "pairwise" and 0 < negatives < len(sar_tokens) - 1:
+                candidates = draw_negatives(len(sar_tokens), negatives, generator, sar_tokens.device)
+                out["conditioned_candidates"] = candidates
+                out["conditioned_to_sar"], out["conditioned_to_optical"] = sampled_conditioned_scores(
+                    self.pooling, optical_tokens, sar_tokens, candidates)
+            elif self.heads_config.conditioned_scoring == "pairwise":
                 out["conditioned_scores"] = pairwise_conditioned_scores(self.pooling, optical_tokens, sar_tokens)
             elif self.heads_config.conditioned_scoring == "own_partner":
                 out["optical_conditioned"] = self.pooling(optical_tokens, sar_tokens)

@@ -131,7 +131,57 @@ def pairwise_conditioned_scores(pooling: ConditionedPooling, optical_tokens: tor
     m, n = len(optical_tokens), len(sar_tokens)
     optical = optical_tokens.repeat_interleave(n, dim=0)  # row i * n + j: optical i
     sar = sar_tokens.repeat(m, 1, 1)  # row i * n + j: SAR j
-    return F.cosine_similarity(pooling(optical, sar).float(), pooling(sar, optical).float(), dim=1).view(m, n)
+    return conditioned_pair_scores(pooling, optical, sar).view(m, n)
+
+
+def sampled_conditioned_scores(pooling: ConditionedPooling, optical_tokens: torch.Tensor, sar_tokens: torch.Tensor,
+                               candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise conditioned scores against sampled negatives only: ``candidates`` [N, k] holds, per row i, the k
+    other samples it is contrasted with. Returns (optical -> SAR, SAR -> optical) [N, 1 + k]: column 0 the true
+    pair (i, i), column 1 + t the pair (optical i, SAR c_it), respectively (optical c_it, SAR i). N (1 + 2k)
+    poolings instead of N^2."""
+    n, k = candidates.shape
+    rows = torch.arange(n, device=candidates.device)
+    flat = candidates.reshape(-1)
+    repeated = rows.repeat_interleave(k)
+    optical_ids = torch.cat([rows, repeated, flat])  # the true pairs, then (i, c), then (c, i)
+    sar_ids = torch.cat([rows, flat, repeated])
+    scores = conditioned_pair_scores(pooling, optical_tokens[optical_ids], sar_tokens[sar_ids])
+    positive = scores[:n, None]
+    to_sar = torch.cat([positive, scores[n:n + n * k].view(n, k)], dim=1)
+    to_optical = torch.cat([positive, scores[n + n * k:].view(n, k)], dim=1)
+    return to_sar, to_optical
+
+
+def conditioned_pair_scores(pooling: ConditionedPooling, optical: torch.Tensor,
+                                   sar: torch.Tensor) -> torch.Tensor:
+    """The conditioned score [M] of each given pair (optical row m with SAR row m), each side attending to the
+    other."""
+    return F.cosine_similarity(pooling(optical, sar).float(), pooling(sar, optical).float(), dim=1)
+
+
+def draw_negatives(count: int, negatives: int, generator: torch.Generator | None = None,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """[count, negatives] indices: for each row i, ``negatives`` distinct others drawn uniformly (from
+    ``generator``, so that a resumed run draws the same)."""
+    if not 0 < negatives < count:
+        raise ValueError(f"need 0 < negatives < count, got {negatives} negatives of {count} samples")
+    noise = torch.rand(count, count, generator=generator)
+    noise.fill_diagonal_(float("inf"))  # never the sample itself
+    return noise.argsort(dim=1)[:, :negatives].to(device)
+
+
+def sampled_score_info_nce(to_sar: torch.Tensor, to_optical: torch.Tensor, candidates: torch.Tensor,
+                           paired: torch.Tensor, temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
+    """InfoNCE over sampled negatives (column 0 the positive): the mean of both directions' cross-entropies,
+    over the rows that are paired and whose every candidate is; fewer than two such rows: zero."""
+    paired = paired.to(device=to_sar.device, dtype=torch.bool)
+    keep = paired & paired[candidates].all(dim=1)
+    if int(keep.sum()) < 2:
+        return _zero_like_graph(to_sar, to_optical)
+    targets = torch.zeros(int(keep.sum()), dtype=torch.long, device=to_sar.device)
+    return (F.cross_entropy(to_sar[keep].float() / temperature, targets)
+            + F.cross_entropy(to_optical[keep].float() / temperature, targets)) / 2
 
 
 def paired_score_info_nce(scores: torch.Tensor, paired: torch.Tensor,

@@ -48,6 +48,9 @@ class ObjectiveConfig:
     # pairwise: every (optical i, SAR j) is scored with each side attending to the other; own_partner: each
     # sample attends to its own partner only (a symmetric pooling then solves the InfoNCE without alignment)
     conditioned_scoring: str = "pairwise"
+    # pairwise: k > 0 contrasts each sample with k others drawn at random (N (1 + 2k) poolings per step, not N^2);
+    # 0 (or k >= batch - 1): with every other pair of the batch
+    conditioned_negatives: int = 0
     rigid_contrastive: float = 0.0  # mean pooling + InfoNCE (CLIP-style; the baseline CoDe-MAE argues against)
     distillation: float = 0.0  # SmoothL1 to a frozen optical teacher's tokens
     teacher: str | None = None  # the teacher: an `hsfm export` directory
@@ -69,6 +72,9 @@ class ObjectiveConfig:
         if self.conditioned_scoring not in CONDITIONED_SCORINGS:
             raise ConfigError(f"objective '{self.name}': conditioned_scoring must be one of {CONDITIONED_SCORINGS}, "
                               f"got {self.conditioned_scoring!r}")
+        if self.conditioned_negatives < 0:
+            raise ConfigError(f"objective '{self.name}': conditioned_negatives must be >= 0, "
+                              f"got {self.conditioned_negatives}")
         if not self.contrastive_temperature > 0:
             raise ConfigError(f"objective '{self.name}': contrastive_temperature must be > 0")
         if self.joint and (self.sam > 0 or self.physics > 0 or self.huber > 0 or self.decorrelation > 0):
@@ -132,7 +138,7 @@ class JointObjective:
                  ) -> tuple[torch.Tensor, dict]:
         from hsfm_train.objectives.codemae import (degraded_reconstruction, feature_distillation, optical_luma,
                                                    paired_info_nce, paired_score_info_nce, patch_targets,
-                                                   sar_channel_mean)
+                                                   sampled_score_info_nce, sar_channel_mean)
 
         c = self.config
         p = model.config.patch_size
@@ -150,7 +156,11 @@ class JointObjective:
                 sar_mean = patch_targets(sar_channel_mean(batch["pair"]), p)
                 parts["degraded"] = (degraded_reconstruction(out["optical_to_sar"], sar_mean, paired)
                                      + degraded_reconstruction(out["sar_to_optical"], luma, paired)) / 2
-            if c.conditioned_contrastive > 0 and c.conditioned_scoring == "pairwise":
+            if c.conditioned_contrastive > 0 and "conditioned_candidates" in out:
+                parts["conditioned_contrastive"] = sampled_score_info_nce(
+                    out["conditioned_to_sar"], out["conditioned_to_optical"], out["conditioned_candidates"], paired,
+                    c.contrastive_temperature)
+            elif c.conditioned_contrastive > 0 and c.conditioned_scoring == "pairwise":
                 parts["conditioned_contrastive"] = paired_score_info_nce(out["conditioned_scores"], paired,
                                                                          c.contrastive_temperature)
             elif c.conditioned_contrastive > 0:

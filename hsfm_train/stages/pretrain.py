@@ -156,7 +156,8 @@ def build_joint(config: PretrainConfig, device: torch.device):
     objective = config.objective
     heads = JointHeadsConfig(teacher_dim=teacher.config.embed_dim if teacher is not None else 0,
                              conditioned_scoring=objective.conditioned_scoring
-                             if objective.conditioned_contrastive > 0 else None)
+                             if objective.conditioned_contrastive > 0 else None,
+                             conditioned_negatives=objective.conditioned_negatives)
     return JointOpticalSAR(config.model, heads), JointObjective(config.objective, teacher)
 
 
