@@ -185,6 +185,10 @@ def test_a_run_that_trains_nothing_reads_the_backbones_own_features(crop, micro_
         assert summary["trainable_parameters"] == 0
         assert any("nothing trains" in note for note in summary["notes"])
     assert by_kind["cp"]["oa_per_seed"] == by_kind["lora"]["oa_per_seed"]
+    tool = Path(__file__).resolve().parents[1] / "tools" / "fewshot_table.py"
+    table = subprocess.run([sys.executable, str(tool), str(tmp_path / "cp")], capture_output=True, text=True,
+                           check=True).stdout
+    assert "| none (trains nothing) | tile+centre |" in table
     exported = load_pretrained(micro_export).state_dict()
     for _, result in seeds:
         embedder = result.embedder

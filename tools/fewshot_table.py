@@ -28,7 +28,8 @@ def row(directory: Path) -> str:
                for name in ("spectra_linear", "spectra_prototypes", "spectra_propagation")]
     readout = summary.get("readout", "centre")
     predict = summary.get("predict", "prototype")
-    return (f"| {summary['target_name']} | {backbone} | {summary['adapter']['kind']} | {readout} | {predict} | "
+    adapter = "none (trains nothing)" if summary["trainable_parameters"] == 0 else summary["adapter"]["kind"]
+    return (f"| {summary['target_name']} | {backbone} | {adapter} | {readout} | {predict} | "
             f"{pseudo} | {'on' if summary['mixup_da'] else 'off'} | {sources} | {seeds} | {_pm(summary, 'oa')} | "
             f"{_pm(summary, 'aa')} | {_pm(summary, 'kappa', 1.0, 3)} | {' | '.join(spectra)} | "
             f"{summary['seconds_per_seed']:.0f} |")
